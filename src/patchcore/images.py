@@ -1,0 +1,232 @@
+"""Reading images of any common kind, and the resize / centre-crop / normalise input transform."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import warnings
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, Union
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from .errors import ImageLoadError
+
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
+
+#: What ``fit`` and ``predict`` accept as one image.
+ImageSource = Union[str, os.PathLike, Image.Image, np.ndarray]
+
+
+def list_images(folder: str | os.PathLike) -> list[Path]:
+    """The image files directly inside ``folder``, sorted by name."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ImageLoadError(str(folder), "not a folder")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ImageLoadError(str(folder), f"folder holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    return files
+
+
+def expand_sources(images: ImageSource | Iterable[ImageSource]) -> list[ImageSource]:
+    """Flatten one image, a folder, or a list of both into a list of single image sources."""
+    if isinstance(images, (str, os.PathLike, Image.Image, np.ndarray)):
+        images = [images]
+    sources: list[ImageSource] = []
+    for item in images:
+        if isinstance(item, (str, os.PathLike)) and Path(item).is_dir():
+            sources.extend(list_images(item))
+        else:
+            sources.append(item)
+    if not sources:
+        raise ValueError("no images given")
+    return sources
+
+
+def source_name(source: ImageSource, position: int) -> str:
+    """A name for error messages and result tables: the path, or ``<image N>``."""
+    if isinstance(source, (str, os.PathLike)):
+        return str(source)
+    return getattr(source, "filename", None) or f"<image {position}>"
+
+
+def _to_uint8(array: np.ndarray) -> np.ndarray:
+    """Scale integer data of more than 8 bits, or floats in [0, 1], to 8 bits."""
+    if array.dtype == np.uint8:
+        return array
+    if array.dtype == np.bool_:
+        return array.astype(np.uint8) * 255
+    if np.issubdtype(array.dtype, np.integer):
+        # 16-bit data (also when PIL hands it out as 32-bit 'I' mode) -> top 8 bits.
+        peak = 65535 if array.max(initial=0) > 255 or array.dtype == np.uint16 else 255
+        return np.clip(np.rint(array.astype(np.float64) * (255.0 / peak)), 0, 255).astype(np.uint8)
+    if np.issubdtype(array.dtype, np.floating):
+        if not np.isfinite(array).all():
+            raise ValueError("image holds NaN or infinite values")
+        scale = 255.0 if array.max(initial=0) <= 1.0 else 1.0
+        return np.clip(np.rint(array * scale), 0, 255).astype(np.uint8)
+    raise ValueError(f"unsupported pixel type {array.dtype}")
+
+
+def array_to_rgb(array: np.ndarray) -> Image.Image:
+    """An RGB image from an HxW, HxWx1, HxWx3 or HxWx4 array (alpha is dropped)."""
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    if array.ndim == 2:
+        array = np.repeat(_to_uint8(array)[:, :, None], 3, axis=2)
+    elif array.ndim == 3 and array.shape[2] in (3, 4):
+        array = _to_uint8(array[:, :, :3])
+    else:
+        raise ValueError(f"array of shape {array.shape} is not an image (HxW, HxWx1, HxWx3 or HxWx4)")
+    if min(array.shape[:2]) < 1:
+        raise ValueError(f"image of size {array.shape[1]}x{array.shape[0]} is empty")
+    return Image.fromarray(np.ascontiguousarray(array), mode="RGB")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB version of a PIL image of any mode: 16-bit, float, grayscale, palette, RGBA, CMYK."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        return array_to_rgb(np.asarray(image))
+    if image.mode in ("LA", "PA", "P", "RGBa", "La"):
+        image = image.convert("RGBA")  # via RGBA so that palette and alpha modes convert cleanly
+    return image.convert("RGB")
+
+
+def read_image(source: ImageSource, position: int = 0) -> Image.Image:
+    """Load ``source`` as an RGB PIL image; any failure is an :class:`ImageLoadError` naming it."""
+    name = source_name(source, position)
+    try:
+        if isinstance(source, np.ndarray):
+            return array_to_rgb(source)
+        if isinstance(source, Image.Image):
+            return to_rgb(source)
+        path = Path(source)
+        if not path.is_file():
+            raise ImageLoadError(name, "file not found" if not path.exists() else "not a file")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as opened:
+                opened.load()
+                image = to_rgb(opened)
+        if image.width < 1 or image.height < 1:
+            raise ImageLoadError(name, "image has no pixels")
+        return image
+    except ImageLoadError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageLoadError(name, f"image is too large to decode safely ({exc})") from exc
+    except UnidentifiedImageError:
+        raise ImageLoadError(name, "not an image file, or an image format Pillow cannot read") from None
+    except (OSError, SyntaxError, ValueError, TypeError) as exc:
+        raise ImageLoadError(name, f"corrupt or truncated image ({exc})") from exc
+
+
+@dataclass(frozen=True)
+class CropBox:
+    """The region of the original image the network sees, in original pixel coordinates."""
+
+    left: float
+    top: float
+    right: float
+    bottom: float
+
+
+@dataclass(frozen=True)
+class InputTransform:
+    """Resize the shorter side to ``resize``, centre-crop ``crop`` x ``crop``, normalise.
+
+    Either step may be ``None`` (skipped). The paper's setting is resize 256, crop 224.
+    """
+
+    resize: int | None
+    crop: int | None
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def __post_init__(self) -> None:
+        for name in ("resize", "crop"):
+            value = getattr(self, name)
+            if value is not None and value < 32:
+                raise ValueError(f"{name} must be at least 32 pixels, got {value}")
+        if self.resize is not None and self.crop is not None and self.crop > self.resize:
+            raise ValueError(f"crop ({self.crop}) must not be larger than resize ({self.resize})")
+
+    def __call__(self, image: Image.Image) -> tuple[torch.Tensor, CropBox]:
+        width, height = image.size
+        if self.resize is not None:
+            scale = self.resize / min(width, height)
+            new_size = (max(1, round(width * scale)), max(1, round(height * scale)))
+            resized = image.resize(new_size, Image.BILINEAR) if new_size != image.size else image
+        else:
+            resized = image
+        scale_x, scale_y = resized.width / width, resized.height / height
+        if self.crop is not None:
+            if self.crop > min(resized.size):
+                raise ValueError(f"image of {width}x{height} is smaller than the {self.crop} px crop")
+            left = int(round((resized.width - self.crop) / 2.0))
+            top = int(round((resized.height - self.crop) / 2.0))
+            resized = resized.crop((left, top, left + self.crop, top + self.crop))
+        else:
+            left = top = 0
+        box = CropBox(left / scale_x, top / scale_y, (left + resized.width) / scale_x, (top + resized.height) / scale_y)
+        pixels = torch.from_numpy(np.asarray(resized, dtype=np.float32)) / 255.0
+        mean = torch.tensor(self.mean).view(1, 1, 3)
+        std = torch.tensor(self.std).view(1, 1, 3)
+        return ((pixels - mean) / std).permute(2, 0, 1).contiguous(), box
+
+
+@dataclass
+class LoadedBatch:
+    """A batch of network inputs with what is needed to map results back to each image."""
+
+    names: list[str]
+    pixels: torch.Tensor  # (batch, 3, H, W), normalised
+    boxes: list[CropBox]
+    sizes: list[tuple[int, int]]  # original (height, width)
+
+
+def iterate_batches(
+    sources: list[ImageSource], transform: InputTransform, batch_size: int, workers: int = 2
+) -> Iterator[LoadedBatch]:
+    """Decode and transform images in background threads, yielding them in order, in batches."""
+
+    def load(item: tuple[int, ImageSource]):
+        position, source = item
+        image = read_image(source, position)
+        try:
+            pixels, box = transform(image)
+        except ValueError as exc:
+            raise ImageLoadError(source_name(source, position), str(exc)) from exc
+        return source_name(source, position), pixels, box, (image.height, image.width)
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        pending: deque = deque()
+        items = enumerate(sources)
+        batch: list = []
+        while True:
+            # Keep two batches in flight: enough to hide decoding, bounded in memory.
+            for item in itertools.islice(items, 2 * batch_size - len(pending)):
+                pending.append(pool.submit(load, item))
+            if not pending:
+                break
+            batch.append(pending.popleft().result())
+            if len(batch) == batch_size:
+                yield _collate(batch)
+                batch = []
+        if batch:
+            yield _collate(batch)
+
+
+def _collate(items: list) -> LoadedBatch:
+    names, pixels, boxes, sizes = zip(*items)
+    if len({tuple(p.shape) for p in pixels}) > 1:
+        raise ImageLoadError(names[0], "images of one batch differ in size after the transform; set a crop size")
+    return LoadedBatch(list(names), torch.stack(pixels), list(boxes), list(sizes))

@@ -1,0 +1,287 @@
+"""The PatchCore model, with scikit-learn's contract: settings in, ``fit`` -> self, state ends in ``_``."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import persistence
+from .backbones import (
+    DEFAULT_BACKBONE,
+    IMAGENET_WEIGHTS,
+    Backbone,
+    BackboneSpec,
+    build_network,
+    create_backbone,
+    resolve_spec,
+)
+from .coreset import coreset_size, greedy_coreset
+from .errors import ModelFormatError, NotFittedError
+from .features import PatchFeatures
+from .images import ImageSource, InputTransform, LoadedBatch, expand_sources, iterate_batches
+from .scoring import anomaly_map, reweighted_image_score
+from .search import MemoryBankIndex
+from .weights import load_into
+
+
+@dataclass
+class Prediction:
+    """The result for one image."""
+
+    name: str
+    #: Image anomaly score (eq. 7 re-weighted maximum patch distance, or the plain maximum).
+    score: float
+    #: Per-pixel anomaly scores at the image's original size (height, width), float32.
+    anomaly_map: np.ndarray | None
+    #: Distances of each patch to the memory bank on the feature grid (grid height, grid width).
+    patch_scores: np.ndarray
+    #: Seconds spent per stage for this image (its share of the batch).
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class PatchCore:
+    """PatchCore anomaly detector (Roth et al., CVPR 2022).
+
+    Fit it on images of good products only; it then scores new images (higher = more anomalous)
+    and localises anomalies with a per-pixel map.
+
+    Parameters
+    ----------
+    backbone: registry name (``efficientnet_lite0``, ``wide_resnet50_2``, ...) or any timm model.
+    layers: feature stages to use, shallow to deep (default: the backbone's stride-8/16 stages).
+    feature_width: width of the patch features (default per backbone; never wider than its channels).
+    neighbourhood: side of the local neighbourhood averaged around each patch (paper: 3).
+    coreset_ratio: share of training patches kept in the memory bank, 0.001 to 1 (paper: 0.1).
+    projection_dim: dimensions of the random projection used by the coreset selection (paper: 128).
+    num_neighbours: ``b`` of the paper's eq. 7 re-weighting (paper: 9); ``reweight=False`` uses the plain maximum.
+    resize, crop: shorter side resized to ``resize``, then a centred ``crop`` square (paper: 256, 224).
+    smoothing_sigma: Gaussian smoothing of the anomaly map, in network-input pixels (paper: 4).
+    weights: ``"imagenet"`` (packaged or downloaded), a local state-dict file, or ``"random"``.
+    feature_location: timm feature location, e.g. ``"expansion"`` for EfficientNets (default per backbone).
+    batch_size, seed, progress: images per forward pass, coreset seed, progress bars.
+    """
+
+    def __init__(
+        self,
+        backbone: str = DEFAULT_BACKBONE,
+        layers: Sequence[str] | None = None,
+        *,
+        feature_width: int | None = None,
+        neighbourhood: int = 3,
+        coreset_ratio: float = 0.1,
+        projection_dim: int = 128,
+        num_neighbours: int = 9,
+        reweight: bool = True,
+        resize: int | None = 256,
+        crop: int | None = 224,
+        smoothing_sigma: float = 4.0,
+        weights: str | os.PathLike = IMAGENET_WEIGHTS,
+        feature_location: str | None = None,
+        batch_size: int = 8,
+        seed: int = 0,
+        progress: bool = False,
+    ) -> None:
+        self.backbone = backbone
+        self.layers = layers
+        self.feature_width = feature_width
+        self.neighbourhood = neighbourhood
+        self.coreset_ratio = coreset_ratio
+        self.projection_dim = projection_dim
+        self.num_neighbours = num_neighbours
+        self.reweight = reweight
+        self.resize = resize
+        self.crop = crop
+        self.smoothing_sigma = smoothing_sigma
+        self.weights = weights
+        self.feature_location = feature_location
+        self.batch_size = batch_size
+        self.seed = seed
+        self.progress = progress
+
+    # -- settings ---------------------------------------------------------------------------
+
+    def get_params(self) -> dict[str, Any]:
+        """The constructor's settings, as scikit-learn's ``get_params``."""
+        names = self.__init__.__code__.co_varnames[1 : self.__init__.__code__.co_argcount + self.__init__.__code__.co_kwonlyargcount]
+        params = {name: getattr(self, name) for name in names}
+        params["layers"] = list(params["layers"]) if params["layers"] is not None else None
+        params["weights"] = str(params["weights"])
+        return params
+
+    def __repr__(self) -> str:
+        return f"PatchCore(backbone={self.backbone!r}, coreset_ratio={self.coreset_ratio})"
+
+    def _validate_settings(self) -> None:
+        coreset_size(1, self.coreset_ratio)  # raises on an out-of-range ratio
+        if self.num_neighbours < 1:
+            raise ValueError(f"num_neighbours must be at least 1, got {self.num_neighbours}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
+        if self.projection_dim < 1:
+            raise ValueError(f"projection_dim must be at least 1, got {self.projection_dim}")
+        if self.smoothing_sigma < 0:
+            raise ValueError(f"smoothing_sigma must not be negative, got {self.smoothing_sigma}")
+
+    def _build(self, spec: BackboneSpec, backbone: Backbone) -> None:
+        """Set the fitted pieces that follow from the settings and the backbone."""
+        self.backbone_spec_ = spec
+        self.backbone_ = backbone
+        width = self.feature_width if self.feature_width is not None else spec.feature_width
+        self.patch_features_ = PatchFeatures(backbone.channels, width, self.neighbourhood)
+        self.transform_ = InputTransform(self.resize, self.crop, spec.mean, spec.std)
+
+    # -- fitting ----------------------------------------------------------------------------
+
+    def fit(self, images: ImageSource | Iterable[ImageSource]) -> "PatchCore":
+        """Build the memory bank from images of good products: paths, folders, PIL images or arrays."""
+        self._validate_settings()
+        sources = expand_sources(images)
+        timings: dict[str, float] = {}
+        started = time.perf_counter()
+        spec = resolve_spec(self.backbone, self.layers, self.feature_location)
+        self._build(spec, create_backbone(spec, self.weights))
+        timings["backbone_load"] = time.perf_counter() - started
+
+        started = time.perf_counter()
+        features = None
+        filled = 0
+        for batch, batch_features in self._embed_batches(sources, "features"):
+            if features is None:  # allocate once: peak memory stays near the feature matrix itself
+                self.feature_grid_ = tuple(batch_features.shape[1:3])
+                patches_per_image = batch_features.shape[1] * batch_features.shape[2]
+                features = np.empty((len(sources) * patches_per_image, batch_features.shape[3]), dtype=np.float32)
+            flat = batch_features.reshape(-1, batch_features.shape[-1]).numpy()
+            features[filled : filled + len(flat)] = flat
+            filled += len(flat)
+        timings["features"] = time.perf_counter() - started
+
+        started = time.perf_counter()
+        kept = greedy_coreset(features, self.coreset_ratio, self.projection_dim, self.seed, self.progress)
+        timings["coreset"] = time.perf_counter() - started
+        self.n_training_images_ = len(sources)
+        self.n_training_patches_ = features.shape[0]
+        memory_bank = features[np.sort(kept)]
+        del features
+
+        started = time.perf_counter()
+        self._set_memory_bank(memory_bank)
+        timings["index"] = time.perf_counter() - started
+        self.fit_timings_ = timings
+        return self
+
+    def _set_memory_bank(self, memory_bank: np.ndarray) -> None:
+        self.memory_bank_ = np.ascontiguousarray(memory_bank, dtype=np.float32)
+        self.index_ = MemoryBankIndex(self.memory_bank_)
+
+    # -- inference --------------------------------------------------------------------------
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "memory_bank_"):
+            raise NotFittedError(
+                "this PatchCore model is not fitted yet: call fit(good_images) or PatchCore.load(model_dir) first"
+            )
+
+    def embed(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Patch features ``(batch, grid height, grid width, width)`` of normalised input pixels."""
+        with torch.inference_mode():
+            return self.patch_features_(self.backbone_(pixels))
+
+    def _embed_batches(self, sources: list[ImageSource], description: str) -> Iterator[tuple[LoadedBatch, torch.Tensor]]:
+        batches = iterate_batches(sources, self.transform_, self.batch_size)
+        with tqdm(total=len(sources), desc=description, unit="img", disable=not self.progress) as bar:
+            for batch in batches:
+                yield batch, self.embed(batch.pixels)
+                bar.update(len(batch.names))
+
+    def score_patches(self, patch_features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Distance of each patch ``(P, D)`` to its nearest memory-bank vector, and that vector's index."""
+        self._check_fitted()
+        distances, indices = self.index_.search(patch_features, 1)
+        return distances[:, 0], indices[:, 0]
+
+    def image_score(self, patch_scores: np.ndarray, nearest: np.ndarray, patch_features: np.ndarray) -> float:
+        """Image score from one image's patch scores (eq. 7, or the maximum when ``reweight`` is off)."""
+        if not self.reweight:
+            return float(patch_scores.max())
+        return float(reweighted_image_score(patch_scores, nearest, patch_features, self.index_, self.num_neighbours))
+
+    def predict(self, images: ImageSource | Iterable[ImageSource], maps: bool = True) -> list[Prediction]:
+        """Score images; with ``maps`` also return each anomaly map at the image's original size."""
+        self._check_fitted()
+        return list(self.iter_predict(images, maps))
+
+    def iter_predict(self, images: ImageSource | Iterable[ImageSource], maps: bool = True) -> Iterator[Prediction]:
+        """As :meth:`predict`, one result at a time (long runs keep what is done if one image fails)."""
+        self._check_fitted()
+        sources = expand_sources(images)
+        started = time.perf_counter()
+        for batch, batch_features in self._embed_batches(sources, "predict"):
+            backbone_seconds = (time.perf_counter() - started) / len(batch.names)
+            features = batch_features.numpy()
+            for i, name in enumerate(batch.names):
+                patch_features = features[i].reshape(-1, features.shape[-1])
+                t0 = time.perf_counter()
+                patch_scores, nearest = self.score_patches(patch_features)
+                score = self.image_score(patch_scores, nearest, patch_features)
+                t1 = time.perf_counter()
+                grid = patch_scores.reshape(features.shape[1:3])
+                pixel_map = (
+                    anomaly_map(grid, tuple(batch.pixels.shape[-2:]), batch.boxes[i], batch.sizes[i], self.smoothing_sigma)
+                    if maps
+                    else None
+                )
+                t2 = time.perf_counter()
+                timings = {"backbone": backbone_seconds, "search": t1 - t0, "map": t2 - t1}
+                yield Prediction(name, score, pixel_map, grid, timings)
+            started = time.perf_counter()
+
+    # -- persistence ------------------------------------------------------------------------
+
+    def save(self, directory: str | os.PathLike) -> None:
+        """Write the fitted model to ``directory`` (safetensors + JSON, atomically replaced)."""
+        self._check_fitted()
+        spec = asdict(self.backbone_spec_)
+        spec.pop("notes", None)
+        persistence.write_model(
+            directory,
+            settings=self.get_params(),
+            state={
+                "backbone_spec": spec,
+                "feature_grid": list(self.feature_grid_),
+                "n_training_images": self.n_training_images_,
+                "n_training_patches": self.n_training_patches_,
+            },
+            tensors={
+                "memory_bank": {"memory_bank": torch.from_numpy(self.memory_bank_)},
+                "backbone": self.backbone_.network.state_dict(),
+            },
+        )
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> "PatchCore":
+        """Read a model written by :meth:`save`; scores are bit-identical to the saved model's."""
+        manifest, tensors = persistence.read_model(directory)
+        settings = dict(manifest["settings"])
+        settings["progress"] = False
+        try:
+            model = cls(**settings)
+            spec_fields = dict(manifest["state"]["backbone_spec"])
+            for key in ("layers", "mean", "std"):
+                spec_fields[key] = tuple(spec_fields[key])
+            spec = BackboneSpec(**spec_fields)
+            backbone = build_network(spec)
+            load_into(backbone.network, tensors["backbone"], f"{directory}: backbone weights")
+            model._build(spec, backbone)
+            model.feature_grid_ = tuple(manifest["state"]["feature_grid"])
+            model.n_training_images_ = manifest["state"]["n_training_images"]
+            model.n_training_patches_ = manifest["state"]["n_training_patches"]
+            model._set_memory_bank(tensors["memory_bank"]["memory_bank"].numpy())
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelFormatError(f"{directory}: saved model is inconsistent ({type(exc).__name__}: {exc})") from exc
+        return model

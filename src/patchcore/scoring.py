@@ -1,0 +1,73 @@
+"""From patch distances to an image score (paper, eq. 7) and a full-size anomaly map."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.ndimage import gaussian_filter
+
+from .images import CropBox
+from .search import MemoryBankIndex
+
+
+def reweighted_image_score(
+    patch_scores: np.ndarray,
+    nearest: np.ndarray,
+    patch_features: np.ndarray,
+    index: MemoryBankIndex,
+    num_neighbours: int = 9,
+) -> float:
+    """The paper's eq. 7: the largest patch score, scaled down when its nearest bank vector
+    ``m*`` lies in a dense part of the bank (the test patch is about as close to ``m*``'s
+    ``num_neighbours`` bank neighbours as to ``m*`` itself), up when it is isolated.
+
+    ``patch_scores`` (P,) are distances to the nearest bank vectors ``nearest`` (P,);
+    ``patch_features`` (P, D) are the test patches.
+    """
+    worst = int(np.argmax(patch_scores))
+    best_score = float(patch_scores[worst])
+    if num_neighbours <= 1 or index.size < 2:
+        return best_score
+    matched = int(nearest[worst])
+    _, neighbours = index.search(index.memory_bank[matched : matched + 1], num_neighbours)
+    neighbours = neighbours[0]
+    if matched not in neighbours:  # ties between duplicate bank vectors
+        neighbours = np.concatenate([[matched], neighbours[:-1]])
+    distances = np.linalg.norm(index.memory_bank[neighbours] - patch_features[worst], axis=1)
+    distances[neighbours == matched] = best_score  # identical up to rounding; keep it exact
+    softmax = np.exp(distances - distances.max())
+    weight = 1.0 - softmax[np.flatnonzero(neighbours == matched)[0]] / softmax.sum()
+    return weight * best_score
+
+
+def anomaly_map(
+    patch_scores: np.ndarray,
+    input_size: tuple[int, int],
+    box: CropBox,
+    image_size: tuple[int, int],
+    sigma: float = 4.0,
+) -> np.ndarray:
+    """Patch-score grid -> anomaly map of ``image_size`` (height, width), float32.
+
+    As the paper: bilinear upsampling to the network input (``input_size``), Gaussian smoothing
+    with ``sigma`` input pixels; then the input is mapped back onto the region ``box`` of the
+    original image it was cut from (bilinear), and outside that region the border values extend.
+    """
+    grid = torch.from_numpy(np.ascontiguousarray(patch_scores, dtype=np.float32))[None, None]
+    upsampled = F.interpolate(grid, size=input_size, mode="bilinear", align_corners=False)[0, 0].numpy()
+    smoothed = gaussian_filter(upsampled, sigma=sigma) if sigma > 0 else upsampled
+    height, width = image_size
+    # Pixel centres of the original image, in the normalised [-1, 1] coordinates of the box.
+    xs = ((np.arange(width, dtype=np.float32) + 0.5 - box.left) / (box.right - box.left)) * 2 - 1
+    ys = ((np.arange(height, dtype=np.float32) + 0.5 - box.top) / (box.bottom - box.top)) * 2 - 1
+    if np.allclose(xs, np.linspace(-1 + 1 / width, 1 - 1 / width, width), atol=1e-6) and np.allclose(
+        ys, np.linspace(-1 + 1 / height, 1 - 1 / height, height), atol=1e-6
+    ):  # the box is the whole image: a plain resize
+        resized = F.interpolate(torch.from_numpy(smoothed)[None, None], size=(height, width), mode="bilinear", align_corners=False)
+        return resized[0, 0].numpy()
+    sample_grid = torch.stack(torch.meshgrid(torch.from_numpy(ys), torch.from_numpy(xs), indexing="ij")[::-1], dim=-1)
+    mapped = F.grid_sample(
+        torch.from_numpy(smoothed)[None, None], sample_grid[None], mode="bilinear", padding_mode="border", align_corners=False
+    )
+    return mapped[0, 0].numpy()
