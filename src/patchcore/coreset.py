@@ -61,35 +61,72 @@ def greedy_coreset(
     return farthest_point_order(points, n_select, first=int(np.random.default_rng(seed).integers(n_points)), progress=progress)
 
 
-def farthest_point_order(points: np.ndarray, n_select: int, first: int = 0, progress: bool = False) -> np.ndarray:
-    """Greedy farthest-point selection of ``n_select`` rows of ``points``, starting at ``first``."""
+def _bounding_sketch(points: np.ndarray, dims: int) -> np.ndarray:
+    """Rows ``[PCA coordinates (dims), norm of the PCA residual]`` of the centred points.
+
+    For any two points the squared distance of their sketches is a lower bound of their squared
+    distance (a projection cannot lengthen a vector, and the residuals' lengths differ by at most
+    the length of their difference), at ``dims + 1`` instead of ``D`` numbers per point.
+    """
+    centred = points - points.mean(axis=0)
+    covariance = centred.T @ centred
+    _, vectors = np.linalg.eigh(covariance.astype(np.float64))
+    basis = vectors[:, ::-1][:, :dims].astype(np.float32)
+    coordinates = centred @ basis
+    residual = np.einsum("ij,ij->i", centred, centred) - np.einsum("ij,ij->i", coordinates, coordinates)
+    return np.ascontiguousarray(np.column_stack([coordinates, np.sqrt(np.maximum(residual, 0.0))]), dtype=np.float32)
+
+
+def farthest_point_order(
+    points: np.ndarray, n_select: int, first: int = 0, progress: bool = False, sketch_dims: int = 16
+) -> np.ndarray:
+    """Greedy farthest-point selection of ``n_select`` rows of ``points``, starting at ``first``.
+
+    Exactly the plain greedy result, but each step only measures the points a cheap lower bound
+    cannot rule out: the distance of ``sketch_dims``-dimensional sketches (see
+    :func:`_bounding_sketch`), and the triangle inequality through each point's current centre.
+    """
     n_points, dim = points.shape
-    radius = np.full(n_points, np.inf, dtype=np.float32)  # distance to the nearest chosen centre
+    sketch = _bounding_sketch(points, min(sketch_dims, dim))
+    sketch_norms = np.einsum("ij,ij->i", sketch, sketch)
+    nearest = np.full(n_points, np.inf, dtype=np.float32)  # squared distance to the nearest chosen centre
     owner = np.zeros(n_points, dtype=np.int32)  # index (into `chosen`) of that centre
     centres = np.empty((n_select, dim), dtype=np.float32)
     centre_norms = np.empty(n_select, dtype=np.float32)
     chosen = np.empty(n_select, dtype=np.int64)
+    norms = np.einsum("ij,ij->i", points, points)
+    # Gathering scattered rows costs several times more per row than streaming through all of
+    # them, so above this many candidates a step measures every point.
+    gather_limit = n_points // 8
     candidate = first
     bar = tqdm(total=n_select, desc="coreset", unit="pt", disable=not progress, mininterval=0.5)
     for step in range(n_select):
         chosen[step] = candidate
         centre = points[candidate]
         centres[step] = centre
-        centre_norms[step] = centre @ centre
+        centre_norms[step] = norms[candidate]
         if step == 0:
             affected = np.arange(n_points)
         else:
-            # Squared distances from the new centre to every earlier one, then the prune test
-            # |c_owner - c| < 2 r  <=>  |c_owner - c|^2 < 4 r^2.
-            gaps = centre_norms[:step] - 2.0 * (centres[:step] @ centre) + centre_norms[step]
-            affected = np.flatnonzero(gaps[owner] < 4.0 * radius * radius)
-        differences = points[affected] - centre
-        distances = np.sqrt(np.einsum("ij,ij->i", differences, differences))
-        closer = distances < radius[affected]
-        updated = affected[closer]
-        radius[updated] = distances[closer]
-        owner[updated] = step
-        candidate = int(np.argmax(radius))
+            # Lower bound from the sketches; the small slack absorbs float rounding.
+            bound = sketch_norms - 2.0 * (sketch @ sketch[candidate]) + sketch_norms[candidate]
+            affected = np.flatnonzero(bound < nearest * 1.0001)
+            if len(affected) > 64:
+                # Triangle inequality: only points whose centre lies within 2 r of the new one.
+                gaps = centre_norms[:step] - 2.0 * (centres[:step] @ centre) + centre_norms[step]
+                affected = affected[gaps[owner[affected]] < 4.0001 * nearest[affected]]
+        if len(affected) > gather_limit:  # one streaming pass over all points is cheaper
+            squared = norms - 2.0 * (points @ centre) + centre_norms[step]
+            closer = np.flatnonzero(squared < nearest)
+            nearest[closer] = squared[closer]
+        else:
+            differences = points[affected] - centre
+            squared = np.einsum("ij,ij->i", differences, differences)
+            moved = squared < nearest[affected]
+            closer = affected[moved]
+            nearest[closer] = squared[moved]
+        owner[closer] = step
+        candidate = int(np.argmax(nearest))
         bar.update()
     bar.close()
     return chosen
@@ -97,12 +134,11 @@ def farthest_point_order(points: np.ndarray, n_select: int, first: int = 0, prog
 
 def coverage_radius(features: np.ndarray, kept: np.ndarray, chunk: int = 4096) -> float:
     """Largest distance from any row of ``features`` to its nearest row among ``kept`` indices."""
-    import faiss
+    from .search import MemoryBankIndex
 
-    index = faiss.IndexFlatL2(features.shape[1])
-    index.add(np.ascontiguousarray(features[kept], dtype=np.float32))
+    index = MemoryBankIndex(features[kept])
     worst = 0.0
     for start in range(0, features.shape[0], chunk):
-        squared, _ = index.search(np.ascontiguousarray(features[start : start + chunk], dtype=np.float32), 1)
-        worst = max(worst, float(squared.max()))
-    return math.sqrt(max(worst, 0.0))
+        distances, _ = index.search(features[start : start + chunk], 1)
+        worst = max(worst, float(distances.max()))
+    return worst

@@ -9,7 +9,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Union
+from typing import Callable, Iterable, Iterator, Union
 
 import numpy as np
 import torch
@@ -194,9 +194,16 @@ class LoadedBatch:
 
 
 def iterate_batches(
-    sources: list[ImageSource], transform: InputTransform, batch_size: int, workers: int = 2
+    sources: list[ImageSource],
+    transform: InputTransform,
+    batch_size: int,
+    workers: int = 2,
+    on_error: Callable[[ImageLoadError], None] | None = None,
 ) -> Iterator[LoadedBatch]:
-    """Decode and transform images in background threads, yielding them in order, in batches."""
+    """Decode and transform images in background threads, yielding them in order, in batches.
+
+    A bad image raises :class:`ImageLoadError`, or, with ``on_error``, is reported to it and left out.
+    """
 
     def load(item: tuple[int, ImageSource]):
         position, source = item
@@ -217,7 +224,13 @@ def iterate_batches(
                 pending.append(pool.submit(load, item))
             if not pending:
                 break
-            batch.append(pending.popleft().result())
+            try:
+                batch.append(pending.popleft().result())
+            except ImageLoadError as error:
+                if on_error is None:
+                    raise
+                on_error(error)
+                continue
             if len(batch) == batch_size:
                 yield _collate(batch)
                 batch = []

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -22,12 +22,16 @@ from .backbones import (
     resolve_spec,
 )
 from .coreset import coreset_size, greedy_coreset
-from .errors import ModelFormatError, NotFittedError
+from .errors import ImageLoadError, ModelFormatError, NotFittedError
 from .features import PatchFeatures
-from .images import ImageSource, InputTransform, LoadedBatch, expand_sources, iterate_batches
+from .images import CropBox, ImageSource, InputTransform, LoadedBatch, expand_sources, iterate_batches, read_image
 from .scoring import anomaly_map, reweighted_image_score
-from .search import MemoryBankIndex
+from .search import BACKENDS, MemoryBankIndex
 from .weights import load_into
+
+
+#: Receives each image that could not be read, instead of the error being raised.
+ErrorHandler = Callable[[ImageLoadError], None]
 
 
 @dataclass
@@ -64,6 +68,7 @@ class PatchCore:
     smoothing_sigma: Gaussian smoothing of the anomaly map, in network-input pixels (paper: 4).
     weights: ``"imagenet"`` (packaged or downloaded), a local state-dict file, or ``"random"``.
     feature_location: timm feature location, e.g. ``"expansion"`` for EfficientNets (default per backbone).
+    search_backend: exact nearest-neighbour search with ``"torch"`` (faster here) or ``"faiss"`` (IndexFlatL2).
     batch_size, seed, progress: images per forward pass, coreset seed, progress bars.
     """
 
@@ -83,6 +88,7 @@ class PatchCore:
         smoothing_sigma: float = 4.0,
         weights: str | os.PathLike = IMAGENET_WEIGHTS,
         feature_location: str | None = None,
+        search_backend: str = "torch",
         batch_size: int = 8,
         seed: int = 0,
         progress: bool = False,
@@ -100,6 +106,7 @@ class PatchCore:
         self.smoothing_sigma = smoothing_sigma
         self.weights = weights
         self.feature_location = feature_location
+        self.search_backend = search_backend
         self.batch_size = batch_size
         self.seed = seed
         self.progress = progress
@@ -125,6 +132,8 @@ class PatchCore:
             raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
         if self.projection_dim < 1:
             raise ValueError(f"projection_dim must be at least 1, got {self.projection_dim}")
+        if self.search_backend not in BACKENDS:
+            raise ValueError(f"search_backend must be one of {', '.join(BACKENDS)}, got {self.search_backend!r}")
         if self.smoothing_sigma < 0:
             raise ValueError(f"smoothing_sigma must not be negative, got {self.smoothing_sigma}")
 
@@ -138,8 +147,11 @@ class PatchCore:
 
     # -- fitting ----------------------------------------------------------------------------
 
-    def fit(self, images: ImageSource | Iterable[ImageSource]) -> "PatchCore":
-        """Build the memory bank from images of good products: paths, folders, PIL images or arrays."""
+    def fit(self, images: ImageSource | Iterable[ImageSource], on_error: ErrorHandler | None = None) -> "PatchCore":
+        """Build the memory bank from images of good products: paths, folders, PIL images or arrays.
+
+        A bad image raises :class:`ImageLoadError` naming it, unless ``on_error`` takes it (then it is skipped).
+        """
         self._validate_settings()
         sources = expand_sources(images)
         timings: dict[str, float] = {}
@@ -151,7 +163,7 @@ class PatchCore:
         started = time.perf_counter()
         features = None
         filled = 0
-        for batch, batch_features in self._embed_batches(sources, "features"):
+        for batch, batch_features in self._embed_batches(sources, "features", on_error):
             if features is None:  # allocate once: peak memory stays near the feature matrix itself
                 self.feature_grid_ = tuple(batch_features.shape[1:3])
                 patches_per_image = batch_features.shape[1] * batch_features.shape[2]
@@ -160,11 +172,14 @@ class PatchCore:
             features[filled : filled + len(flat)] = flat
             filled += len(flat)
         timings["features"] = time.perf_counter() - started
+        if features is None:
+            raise ValueError("no usable training images: every image was skipped")
+        features = features[:filled]
 
         started = time.perf_counter()
         kept = greedy_coreset(features, self.coreset_ratio, self.projection_dim, self.seed, self.progress)
         timings["coreset"] = time.perf_counter() - started
-        self.n_training_images_ = len(sources)
+        self.n_training_images_ = filled // (self.feature_grid_[0] * self.feature_grid_[1])
         self.n_training_patches_ = features.shape[0]
         memory_bank = features[np.sort(kept)]
         del features
@@ -177,7 +192,7 @@ class PatchCore:
 
     def _set_memory_bank(self, memory_bank: np.ndarray) -> None:
         self.memory_bank_ = np.ascontiguousarray(memory_bank, dtype=np.float32)
-        self.index_ = MemoryBankIndex(self.memory_bank_)
+        self.index_ = MemoryBankIndex(self.memory_bank_, self.search_backend)
 
     # -- inference --------------------------------------------------------------------------
 
@@ -192,8 +207,10 @@ class PatchCore:
         with torch.inference_mode():
             return self.patch_features_(self.backbone_(pixels))
 
-    def _embed_batches(self, sources: list[ImageSource], description: str) -> Iterator[tuple[LoadedBatch, torch.Tensor]]:
-        batches = iterate_batches(sources, self.transform_, self.batch_size)
+    def _embed_batches(
+        self, sources: list[ImageSource], description: str, on_error: ErrorHandler | None = None
+    ) -> Iterator[tuple[LoadedBatch, torch.Tensor]]:
+        batches = iterate_batches(sources, self.transform_, self.batch_size, on_error=on_error)
         with tqdm(total=len(sources), desc=description, unit="img", disable=not self.progress) as bar:
             for batch in batches:
                 yield batch, self.embed(batch.pixels)
@@ -211,17 +228,24 @@ class PatchCore:
             return float(patch_scores.max())
         return float(reweighted_image_score(patch_scores, nearest, patch_features, self.index_, self.num_neighbours))
 
-    def predict(self, images: ImageSource | Iterable[ImageSource], maps: bool = True) -> list[Prediction]:
-        """Score images; with ``maps`` also return each anomaly map at the image's original size."""
-        self._check_fitted()
-        return list(self.iter_predict(images, maps))
+    def predict(
+        self, images: ImageSource | Iterable[ImageSource], maps: bool = True, on_error: ErrorHandler | None = None
+    ) -> list[Prediction]:
+        """Score images; with ``maps`` also return each anomaly map at the image's original size.
 
-    def iter_predict(self, images: ImageSource | Iterable[ImageSource], maps: bool = True) -> Iterator[Prediction]:
-        """As :meth:`predict`, one result at a time (long runs keep what is done if one image fails)."""
+        A bad image raises :class:`ImageLoadError` naming it, unless ``on_error`` takes it (then it is skipped).
+        """
+        self._check_fitted()
+        return list(self.iter_predict(images, maps, on_error))
+
+    def iter_predict(
+        self, images: ImageSource | Iterable[ImageSource], maps: bool = True, on_error: ErrorHandler | None = None
+    ) -> Iterator[Prediction]:
+        """As :meth:`predict`, one result at a time, so that long runs keep what is done."""
         self._check_fitted()
         sources = expand_sources(images)
         started = time.perf_counter()
-        for batch, batch_features in self._embed_batches(sources, "predict"):
+        for batch, batch_features in self._embed_batches(sources, "predict", on_error):
             backbone_seconds = (time.perf_counter() - started) / len(batch.names)
             features = batch_features.numpy()
             for i, name in enumerate(batch.names):
@@ -231,15 +255,21 @@ class PatchCore:
                 score = self.image_score(patch_scores, nearest, patch_features)
                 t1 = time.perf_counter()
                 grid = patch_scores.reshape(features.shape[1:3])
-                pixel_map = (
-                    anomaly_map(grid, tuple(batch.pixels.shape[-2:]), batch.boxes[i], batch.sizes[i], self.smoothing_sigma)
-                    if maps
-                    else None
-                )
+                pixel_map = self._anomaly_map(grid, tuple(batch.pixels.shape[-2:]), batch.boxes[i], batch.sizes[i]) if maps else None
                 t2 = time.perf_counter()
                 timings = {"backbone": backbone_seconds, "search": t1 - t0, "map": t2 - t1}
                 yield Prediction(name, score, pixel_map, grid, timings)
             started = time.perf_counter()
+
+    def _anomaly_map(self, grid: np.ndarray, input_size: tuple[int, int], box: CropBox, image_size: tuple[int, int]) -> np.ndarray:
+        return anomaly_map(grid, input_size, box, image_size, self.smoothing_sigma)
+
+    def anomaly_map_for(self, patch_scores: np.ndarray, image: ImageSource) -> np.ndarray:
+        """The anomaly map of ``image`` from its patch scores (as in :class:`Prediction`), at its size."""
+        self._check_fitted()
+        rgb = read_image(image)
+        pixels, box = self.transform_(rgb)
+        return self._anomaly_map(patch_scores, tuple(pixels.shape[-2:]), box, (rgb.height, rgb.width))
 
     # -- persistence ------------------------------------------------------------------------
 

