@@ -1,0 +1,63 @@
+"""Shared fixtures: small generated images of a "product" with and without defects."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+MVTEC_BOTTLE = SHARED / "data" / "mvtec" / "bottle"
+
+
+def product_image(rng: np.random.Generator, size: int = 64, defect: tuple[int, int, int] | None = None) -> np.ndarray:
+    """A woven-looking texture (the good product); ``defect`` = (row, col, side) paints a dark blotch."""
+    y, x = np.mgrid[0:size, 0:size].astype(np.float32)
+    phase = rng.uniform(0, 2 * np.pi, size=2)
+    texture = 0.5 + 0.25 * np.sin(x * 0.8 + phase[0]) * np.cos(y * 0.8 + phase[1])
+    image = np.stack([texture, texture * 0.9 + 0.05, texture * 0.7 + 0.1], axis=-1)
+    image += rng.normal(0, 0.02, image.shape)
+    if defect is not None:
+        row, col, side = defect
+        image[row : row + side, col : col + side] = [0.9, 0.1, 0.1]
+    return (np.clip(image, 0, 1) * 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="session")
+def product_images(tmp_path_factory) -> dict[str, list[Path]]:
+    """Folders of 12 good training images, 4 good and 4 defective test images (64x64 PNG)."""
+    root = tmp_path_factory.mktemp("product")
+    rng = np.random.default_rng(0)
+    folders = {"train": root / "train", "good": root / "test_good", "defective": root / "test_defective"}
+    for folder in folders.values():
+        folder.mkdir()
+    paths: dict[str, list[Path]] = {key: [] for key in folders}
+    for i in range(12):
+        paths["train"].append(folders["train"] / f"train_{i:02d}.png")
+        Image.fromarray(product_image(rng)).save(paths["train"][-1])
+    for i in range(4):
+        paths["good"].append(folders["good"] / f"good_{i}.png")
+        Image.fromarray(product_image(rng)).save(paths["good"][-1])
+        paths["defective"].append(folders["defective"] / f"bad_{i}.png")
+        Image.fromarray(product_image(rng, defect=(20 + 4 * i, 24, 14))).save(paths["defective"][-1])
+    paths["root"] = [root]
+    return paths
+
+
+def small_model_settings(**overrides):
+    """Settings for a fast model on 64x64 images (efficientnet_lite0, offline weights)."""
+    settings = dict(resize=64, crop=64, coreset_ratio=0.25, batch_size=4)
+    settings.update(overrides)
+    return settings
+
+
+@pytest.fixture(scope="session")
+def fitted_model(product_images):
+    from patchcore import PatchCore
+
+    return PatchCore(**small_model_settings()).fit(product_images["train"])

@@ -1,0 +1,112 @@
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from patchcore.errors import ImageLoadError
+from patchcore.images import InputTransform, expand_sources, iterate_batches, list_images, read_image
+
+
+def test_reads_16_bit_grayscale_rgba_and_palette(tmp_path):
+    ramp = (np.arange(64 * 64, dtype=np.uint32).reshape(64, 64) * 16).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "deep.png")
+    rgba = np.zeros((8, 8, 4), np.uint8)
+    rgba[..., 0] = 200
+    rgba[..., 3] = 10
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "alpha.png")
+    Image.fromarray(np.full((8, 8), 77, np.uint8)).save(tmp_path / "gray.png")
+    Image.fromarray(np.full((8, 8, 3), 120, np.uint8)).convert("P", palette=Image.ADAPTIVE).save(tmp_path / "palette.png")
+
+    deep = np.asarray(read_image(tmp_path / "deep.png"))
+    assert deep.shape == (64, 64, 3) and deep.dtype == np.uint8
+    # 16-bit values are scaled to 8 bits, not clipped: the ramp's top stays near white.
+    assert deep[-1, -1, 0] == round(int(ramp[-1, -1]) * 255 / 65535)
+    assert deep[0, 0, 0] == 0
+    assert np.asarray(read_image(tmp_path / "alpha.png"))[0, 0].tolist() == [200, 0, 0]
+    assert np.asarray(read_image(tmp_path / "gray.png"))[0, 0].tolist() == [77, 77, 77]
+    assert np.asarray(read_image(tmp_path / "palette.png"))[0, 0].tolist() == [120, 120, 120]
+
+
+def test_reads_arrays_of_every_layout():
+    assert read_image(np.zeros((5, 6), np.uint8)).size == (6, 5)
+    assert read_image(np.zeros((5, 6, 1), np.uint16)).mode == "RGB"
+    assert np.asarray(read_image(np.full((2, 2, 3), 0.5, np.float32)))[0, 0, 0] == 128
+    with pytest.raises(ImageLoadError, match="<image 3>.*shape"):
+        read_image(np.zeros((2, 2, 2, 2)), position=3)
+
+
+@pytest.mark.parametrize(
+    "content, problem",
+    [
+        (b"", "not an image"),
+        (b"hello, I am text", "not an image"),
+    ],
+)
+def test_bad_files_name_the_file(tmp_path, content, problem):
+    path = tmp_path / "bad.png"
+    path.write_bytes(content)
+    with pytest.raises(ImageLoadError, match=f"bad.png: {problem}"):
+        read_image(path)
+
+
+def test_truncated_png_and_jpeg_are_reported(tmp_path):
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    for suffix, fmt in ((".png", "PNG"), (".jpg", "JPEG")):
+        buffer = io.BytesIO()
+        image.save(buffer, fmt)
+        path = tmp_path / f"cut{suffix}"
+        path.write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+        with pytest.raises(ImageLoadError, match=f"cut{suffix}: corrupt or truncated"):
+            read_image(path)
+
+
+def test_decompression_bomb_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    Image.fromarray(np.zeros((40, 40), np.uint8)).save(tmp_path / "big.png")
+    with pytest.raises(ImageLoadError, match="big.png: image is too large"):
+        read_image(tmp_path / "big.png")
+
+
+def test_missing_file_and_empty_folder(tmp_path):
+    with pytest.raises(ImageLoadError, match="nope.png: file not found"):
+        read_image(tmp_path / "nope.png")
+    with pytest.raises(ImageLoadError, match="holds no images"):
+        list_images(tmp_path)
+
+
+def test_transform_matches_the_paper_geometry():
+    transform = InputTransform(256, 224, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    image = Image.fromarray(np.full((400, 800, 3), 255, np.uint8))
+    pixels, box = transform(image)
+    assert pixels.shape == (3, 224, 224)
+    assert float(pixels.min()) == pytest.approx(1.0)  # white -> +1 after [-1, 1] scaling
+    # 400x800 -> 256x512 -> centre 224 crop: the box is 350 px square in the middle.
+    assert box.right - box.left == pytest.approx(224 * 400 / 256)
+    assert box.bottom - box.top == pytest.approx(224 * 400 / 256)
+    assert (box.left + box.right) / 2 == pytest.approx(400)
+    assert (box.top + box.bottom) / 2 == pytest.approx(200)
+
+
+def test_transform_rejects_inconsistent_settings():
+    with pytest.raises(ValueError, match="crop"):
+        InputTransform(100, 200, (0, 0, 0), (1, 1, 1))
+
+
+def test_batches_keep_order_and_skip_bad_images_on_request(tmp_path, product_images):
+    (tmp_path / "broken.png").write_bytes(b"garbage")
+    sources = [product_images["train"][0], tmp_path / "broken.png", product_images["train"][1]]
+    transform = InputTransform(64, 64, (0.5,) * 3, (0.5,) * 3)
+    with pytest.raises(ImageLoadError, match="broken.png"):
+        list(iterate_batches(sources, transform, batch_size=2))
+    skipped = []
+    batches = list(iterate_batches(sources, transform, batch_size=2, on_error=skipped.append))
+    assert [name for b in batches for name in b.names] == [str(sources[0]), str(sources[2])]
+    assert len(skipped) == 1 and "broken.png" in str(skipped[0])
+
+
+def test_expand_sources_reads_folders_sorted(product_images):
+    folder = product_images["train"][0].parent
+    assert expand_sources(folder) == sorted(product_images["train"])
+    with pytest.raises(ValueError, match="no images"):
+        expand_sources([])

@@ -1,0 +1,154 @@
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import small_model_settings
+from patchcore import ImageLoadError, ModelFormatError, NotFittedError, PatchCore
+
+
+def test_constructor_only_stores_settings():
+    model = PatchCore(backbone="no_such_backbone", coreset_ratio=5.0)  # validated in fit, not here
+    assert model.get_params()["coreset_ratio"] == 5.0
+    assert not hasattr(model, "memory_bank_")
+    with pytest.raises(ValueError, match="coreset ratio"):
+        model.fit(np.zeros((64, 64, 3), np.uint8))
+
+
+def test_use_before_fit_is_a_clear_error():
+    with pytest.raises(NotFittedError, match="not fitted yet"):
+        PatchCore().predict(np.zeros((64, 64, 3), np.uint8))
+
+
+def test_fit_returns_self_and_learns_a_bank(product_images, fitted_model):
+    model = fitted_model
+    assert isinstance(model, PatchCore)
+    assert model.feature_grid_ == (8, 8)
+    assert model.n_training_images_ == 12 and model.n_training_patches_ == 12 * 64
+    assert model.memory_bank_.shape == (int(np.ceil(12 * 64 * 0.25)), 152)  # 40 + 112 channels of lite0
+
+
+def test_defects_score_higher_and_are_localised(product_images, fitted_model):
+    good = fitted_model.predict(product_images["good"])
+    bad = fitted_model.predict(product_images["defective"])
+    assert min(p.score for p in bad) > max(p.score for p in good)
+    for i, prediction in enumerate(bad):
+        assert prediction.anomaly_map.shape == (64, 64)
+        row, col = np.unravel_index(np.argmax(prediction.anomaly_map), (64, 64))
+        # The blotch covers rows 20+4i .. 34+4i, cols 24 .. 38.
+        assert 20 + 4 * i - 6 <= row <= 34 + 4 * i + 6 and 24 - 6 <= col <= 38 + 6
+        assert set(prediction.timings) == {"backbone", "search", "map"}
+
+
+def test_accepts_paths_folders_pil_images_and_arrays(product_images, fitted_model):
+    path = product_images["good"][0]
+    by_path = fitted_model.predict(path, maps=False)[0].score
+    by_folder = fitted_model.predict(path.parent, maps=False)[0].score
+    by_pil = fitted_model.predict(Image.open(path), maps=False)[0].score
+    by_array = fitted_model.predict(np.asarray(Image.open(path)), maps=False)[0].score
+    # Batches of different sizes may round differently in the convolutions: equal to 1e-5.
+    assert by_path == pytest.approx(by_folder, rel=1e-5) == pytest.approx(by_pil) == pytest.approx(by_array)
+
+
+def test_plain_maximum_without_reweighting(product_images, fitted_model):
+    prediction = fitted_model.predict(product_images["defective"][0])[0]
+    fitted_model.reweight = False
+    try:
+        assert fitted_model.predict(product_images["defective"][0])[0].score == pytest.approx(float(prediction.patch_scores.max()))
+    finally:
+        fitted_model.reweight = True
+    assert prediction.score < prediction.patch_scores.max()  # eq. 7 weight lies below one
+
+
+def test_anomaly_map_at_original_size_through_the_crop(product_images):
+    model = PatchCore(**small_model_settings(resize=72, crop=64)).fit(product_images["train"][:6])
+    big = np.asarray(Image.open(product_images["defective"][0]).resize((160, 96)))
+    prediction = model.predict(big)[0]
+    assert prediction.anomaly_map.shape == (96, 160)
+
+
+def test_save_load_gives_bit_identical_scores(tmp_path, product_images, fitted_model):
+    fitted_model.save(tmp_path / "model")
+    loaded = PatchCore.load(tmp_path / "model")
+    images = product_images["good"] + product_images["defective"]
+    before = fitted_model.predict(images)
+    after = loaded.predict(images)
+    assert [p.score for p in before] == [p.score for p in after]
+    assert all(np.array_equal(a.anomaly_map, b.anomaly_map) for a, b in zip(before, after))
+    assert loaded.get_params() == {**fitted_model.get_params(), "progress": False}
+    files = sorted(os.listdir(tmp_path / "model"))
+    assert files[-1] == "patchcore.json" and all(f.endswith((".safetensors", ".json")) for f in files)
+
+
+def test_saving_again_replaces_the_model_and_leaves_no_stale_files(tmp_path, product_images, fitted_model):
+    fitted_model.save(tmp_path / "model")
+    other = PatchCore(**small_model_settings(coreset_ratio=0.1)).fit(product_images["train"][:4])
+    other.save(tmp_path / "model")
+    assert PatchCore.load(tmp_path / "model").memory_bank_.shape == other.memory_bank_.shape
+    assert len(list((tmp_path / "model").glob("*.safetensors"))) == 2
+
+
+def test_a_crash_while_saving_keeps_the_previous_model(tmp_path, product_images, fitted_model, monkeypatch):
+    fitted_model.save(tmp_path / "model")
+    other = PatchCore(**small_model_settings(coreset_ratio=0.1)).fit(product_images["train"][:4])
+    real_replace = os.replace
+
+    def crash_on_manifest(source, target):
+        if str(target).endswith("patchcore.json"):
+            raise OSError("disk full")
+        return real_replace(source, target)
+
+    monkeypatch.setattr(os, "replace", crash_on_manifest)
+    with pytest.raises(OSError, match="disk full"):
+        other.save(tmp_path / "model")
+    monkeypatch.setattr(os, "replace", real_replace)
+    restored = PatchCore.load(tmp_path / "model")
+    assert np.array_equal(restored.memory_bank_, fitted_model.memory_bank_)
+
+
+def test_altered_or_unknown_model_files_are_refused(tmp_path, fitted_model):
+    fitted_model.save(tmp_path / "model")
+    bank = next((tmp_path / "model").glob("memory_bank-*.safetensors"))
+    data = bytearray(bank.read_bytes())
+    data[-1] ^= 0xFF
+    bank.write_bytes(bytes(data))
+    with pytest.raises(ModelFormatError, match="checksum does not match"):
+        PatchCore.load(tmp_path / "model")
+
+    fitted_model.save(tmp_path / "model2")
+    manifest_path = tmp_path / "model2" / "patchcore.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["format_version"] = 99
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(ModelFormatError, match="format version 99 is not supported"):
+        PatchCore.load(tmp_path / "model2")
+    with pytest.raises(ModelFormatError, match="not found"):
+        PatchCore.load(tmp_path / "absent")
+    # Nothing in a model directory is a pickle: tensors are safetensors, the rest JSON.
+    for path in (tmp_path / "model2").iterdir():
+        assert not path.read_bytes().startswith(b"\x80")
+
+
+def test_bad_training_image_names_the_file_or_is_skipped(tmp_path, product_images):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    images = product_images["train"][:3] + [bad]
+    with pytest.raises(ImageLoadError, match="bad.png"):
+        PatchCore(**small_model_settings()).fit(images)
+    skipped = []
+    model = PatchCore(**small_model_settings()).fit(images, on_error=skipped.append)
+    assert model.n_training_images_ == 3 and len(skipped) == 1
+
+
+def test_faiss_backend_gives_the_same_scores(product_images, fitted_model):
+    torch_scores = [p.score for p in fitted_model.predict(product_images["defective"], maps=False)]
+    fitted_model.search_backend = "faiss"
+    fitted_model._set_memory_bank(fitted_model.memory_bank_)
+    try:
+        faiss_scores = [p.score for p in fitted_model.predict(product_images["defective"], maps=False)]
+    finally:
+        fitted_model.search_backend = "torch"
+        fitted_model._set_memory_bank(fitted_model.memory_bank_)
+    assert np.allclose(torch_scores, faiss_scores, rtol=1e-4)

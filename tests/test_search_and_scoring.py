@@ -1,0 +1,53 @@
+import math
+
+import numpy as np
+import pytest
+
+from patchcore.images import CropBox
+from patchcore.scoring import anomaly_map, reweighted_image_score
+from patchcore.search import MemoryBankIndex
+
+
+@pytest.mark.parametrize("backend", ["torch", "faiss"])
+def test_exact_search_returns_l2_distances(backend):
+    rng = np.random.default_rng(0)
+    bank = rng.normal(size=(5000, 24)).astype(np.float32)
+    queries = rng.normal(size=(300, 24)).astype(np.float32)
+    index = MemoryBankIndex(bank, backend, block_size=1000)  # several blocks for torch
+    distances, indices = index.search(queries, k=3)
+    brute = np.sqrt(((queries[:, None, :] - bank[None]) ** 2).sum(-1))
+    expected = np.argsort(brute, axis=1)[:, :3]
+    assert np.array_equal(indices, expected)
+    assert np.allclose(distances, np.take_along_axis(brute, expected, 1), atol=1e-4)
+
+
+def test_eq7_reweighting_by_hand():
+    # Bank on a line; the test patch at x=10 is matched to the bank vector at 4 (distance 6).
+    bank = np.array([[0.0], [1.0], [2.0], [4.0]], np.float32)
+    index = MemoryBankIndex(bank)
+    patches = np.array([[0.5], [10.0]], np.float32)
+    scores = np.array([0.5, 6.0])
+    nearest = np.array([0, 3])
+    # b = 2 neighbours of m* = {4 (itself), 2}: distances from the patch 6 and 8.
+    weight = 1 - math.exp(6) / (math.exp(6) + math.exp(8))
+    assert reweighted_image_score(scores, nearest, patches, index, 2) == pytest.approx(weight * 6)
+    assert reweighted_image_score(scores, nearest, patches, index, 1) == 6.0
+
+
+def test_anomaly_map_has_the_image_size_and_keeps_the_defect_in_place():
+    grid = np.zeros((28, 28), np.float32)
+    grid[7, 21] = 10.0  # top right quadrant of the crop
+    box = CropBox(50.0, 50.0, 850.0, 850.0)  # a 900x900 image seen through a centred crop
+    heat = anomaly_map(grid, (224, 224), box, (900, 900), sigma=4.0)
+    assert heat.shape == (900, 900) and heat.dtype == np.float32
+    row, col = np.unravel_index(np.argmax(heat), heat.shape)
+    # patch (7, 21) centre in crop pixels: (7.5 * 8, 21.5 * 8) -> image coordinates.
+    assert abs(row - (50 + 60 * 800 / 224)) < 8 and abs(col - (50 + 172 * 800 / 224)) < 8
+    assert heat[0, 0] == pytest.approx(heat[60, 60], abs=1e-3)  # border values extend outside the box
+    plain = anomaly_map(grid, (224, 224), CropBox(0, 0, 300, 300), (300, 300), sigma=0)
+    assert plain.shape == (300, 300) and plain.max() <= 10.0
+
+
+def test_search_rejects_an_empty_bank():
+    with pytest.raises(ValueError, match="non-empty"):
+        MemoryBankIndex(np.zeros((0, 4), np.float32))
