@@ -1,0 +1,57 @@
+import csv
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from patchcore.cli import build_parser, main
+
+
+def test_help_is_complete(capsys):
+    for command in ([], ["fit"], ["predict"], ["demo"], ["backbones"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(command + ["--help"])
+        assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for option in ("--backbone", "--layers", "--coreset-ratio", "--weights", "--seed", "MODEL_DIR", "OUT_DIR"):
+        assert option in text
+    assert {"fit", "predict", "demo", "backbones"} <= set(build_parser()._subparsers._group_actions[0].choices)
+
+
+def test_fit_then_predict_writes_scores_and_overlays(tmp_path, product_images, capsys):
+    train = str(product_images["train"][0].parent)
+    assert main(["fit", train, "-o", str(tmp_path / "model"), "--coreset-ratio", "0.25", "--resize", "64", "--crop", "64"]) == 0
+    inputs = [str(p) for p in product_images["good"] + product_images["defective"]]
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8\xff not really a jpeg")
+    code = main(["predict", str(tmp_path / "model"), *inputs, str(broken), "-o", str(tmp_path / "out")])
+    captured = capsys.readouterr()
+    assert code == 1 and "broken.jpg" in captured.err  # the bad image is reported ...
+    with open(tmp_path / "out" / "scores.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["path"] for r in rows] == inputs  # ... and every other image is scored
+    scores = {r["path"]: float(r["score"]) for r in rows}
+    assert min(scores[p] for p in inputs[4:]) > max(scores[p] for p in inputs[:4])
+    overlay = Image.open(tmp_path / "out" / "overlays" / "bad_0.png")
+    assert overlay.size == (64 + 8 + 64, 64)
+    # The defect is redder than the rest in the heat map half.
+    heat = np.asarray(overlay)[:, 72:].astype(int)
+    assert heat[27, 31, 0] - heat[27, 31, 2] > heat[5, 5, 0] - heat[5, 5, 2]
+
+
+def test_errors_are_one_line_messages(tmp_path, capsys):
+    assert main(["predict", str(tmp_path / "absent"), "x.png", "-o", str(tmp_path / "out")]) == 2
+    assert "model directory not found" in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["fit", str(empty), "-o", str(tmp_path / "m")]) == 2
+    assert "holds no images" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["fit", str(empty), "-o", str(tmp_path / "m"), "--coreset-ratio", "2"])
+
+
+def test_console_script_runs():
+    result = subprocess.run([sys.executable, "-m", "patchcore.cli", "backbones"], capture_output=True, text=True, check=True)
+    assert "efficientnet_lite0" in result.stdout and "wide_resnet50_2" in result.stdout
