@@ -153,3 +153,21 @@ def test_faiss_backend_gives_the_same_scores(product_images, fitted_model):
         fitted_model.search_backend = "torch"
         fitted_model._set_memory_bank(fitted_model.memory_bank_)
     assert np.allclose(torch_scores, faiss_scores, rtol=1e-4)
+
+
+def test_threshold_from_good_images_is_saved_and_drives_decisions(tmp_path, product_images):
+    model = PatchCore(**small_model_settings()).fit(product_images["train"])
+    assert model.predict(product_images["good"][0])[0].is_anomalous is None  # no threshold yet
+    model.calibrate_threshold(product_images["good"], max_false_positive_rate=0.0)
+    good = model.predict(product_images["good"])
+    assert max(p.score for p in good) < model.threshold_  # no held-out good image is flagged
+    assert not any(p.is_anomalous for p in good)
+    bad = model.predict(product_images["defective"])
+    assert all(p.is_anomalous for p in bad)
+    assert all(p.mask.shape == (64, 64) and p.mask.dtype == bool for p in bad)
+    assert bad[0].mask[27, 31] and not bad[0].mask[2, 2]
+    model.save(tmp_path / "model")
+    loaded = PatchCore.load(tmp_path / "model")
+    assert loaded.threshold_ == model.threshold_ and "good images" in loaded.threshold_source_
+    with pytest.raises(ValueError, match="finite"):
+        model.set_threshold(float("nan"))

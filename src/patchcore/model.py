@@ -47,6 +47,10 @@ class Prediction:
     patch_scores: np.ndarray
     #: Seconds spent per stage for this image (its share of the batch).
     timings: dict[str, float] = field(default_factory=dict)
+    #: ``score >= threshold`` when the model has a threshold, else ``None``.
+    is_anomalous: bool | None = None
+    #: Pixels whose anomaly score reaches the pixel threshold (with a threshold and a map), else ``None``.
+    mask: np.ndarray | None = None
 
 
 class PatchCore:
@@ -258,7 +262,7 @@ class PatchCore:
                 pixel_map = self._anomaly_map(grid, tuple(batch.pixels.shape[-2:]), batch.boxes[i], batch.sizes[i]) if maps else None
                 t2 = time.perf_counter()
                 timings = {"backbone": backbone_seconds, "search": t1 - t0, "map": t2 - t1}
-                yield Prediction(name, score, pixel_map, grid, timings)
+                yield self._decide(Prediction(name, score, pixel_map, grid, timings))
             started = time.perf_counter()
 
     def _anomaly_map(self, grid: np.ndarray, input_size: tuple[int, int], box: CropBox, image_size: tuple[int, int]) -> np.ndarray:
@@ -270,6 +274,37 @@ class PatchCore:
         rgb = read_image(image)
         pixels, box = self.transform_(rgb)
         return self._anomaly_map(patch_scores, tuple(pixels.shape[-2:]), box, (rgb.height, rgb.width))
+
+    # -- decisions ----------------------------------------------------------------------------
+
+    def set_threshold(self, threshold: float, pixel_threshold: float | None = None, source: str = "user") -> "PatchCore":
+        """Decide ``is_anomalous = score >= threshold``; pixels use ``pixel_threshold`` (default: the same)."""
+        self._check_fitted()
+        if not np.isfinite(threshold):
+            raise ValueError(f"threshold must be a finite number, got {threshold}")
+        self.threshold_ = float(threshold)
+        self.pixel_threshold_ = float(threshold if pixel_threshold is None else pixel_threshold)
+        self.threshold_source_ = source
+        return self
+
+    def calibrate_threshold(self, good_images: ImageSource | Iterable[ImageSource], max_false_positive_rate: float = 0.01) -> "PatchCore":
+        """Set the threshold from held-out good images only: at most ``max_false_positive_rate`` of
+        them would be flagged (see :func:`patchcore.metrics.threshold_at_fpr`)."""
+        from .metrics import threshold_at_fpr
+
+        scores = [p.score for p in self.predict(good_images, maps=False)]
+        highest_allowed = threshold_at_fpr(scores, max_false_positive_rate)
+        # threshold_at_fpr flags scores strictly above it; ours flags scores at or above.
+        threshold = float(np.nextafter(np.float32(highest_allowed), np.float32(np.inf)))
+        return self.set_threshold(threshold, source=f"{len(scores)} good images, false-positive rate <= {max_false_positive_rate}")
+
+    def _decide(self, prediction: Prediction) -> Prediction:
+        threshold = getattr(self, "threshold_", None)
+        if threshold is not None:
+            prediction.is_anomalous = bool(prediction.score >= threshold)
+            if prediction.anomaly_map is not None:
+                prediction.mask = prediction.anomaly_map >= self.pixel_threshold_
+        return prediction
 
     # -- persistence ------------------------------------------------------------------------
 
@@ -286,6 +321,9 @@ class PatchCore:
                 "feature_grid": list(self.feature_grid_),
                 "n_training_images": self.n_training_images_,
                 "n_training_patches": self.n_training_patches_,
+                "threshold": getattr(self, "threshold_", None),
+                "pixel_threshold": getattr(self, "pixel_threshold_", None),
+                "threshold_source": getattr(self, "threshold_source_", None),
             },
             tensors={
                 "memory_bank": {"memory_bank": torch.from_numpy(self.memory_bank_)},
@@ -312,6 +350,9 @@ class PatchCore:
             model.n_training_images_ = manifest["state"]["n_training_images"]
             model.n_training_patches_ = manifest["state"]["n_training_patches"]
             model._set_memory_bank(tensors["memory_bank"]["memory_bank"].numpy())
+            state = manifest["state"]
+            if state.get("threshold") is not None:
+                model.set_threshold(state["threshold"], state.get("pixel_threshold"), state.get("threshold_source") or "saved")
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelFormatError(f"{directory}: saved model is inconsistent ({type(exc).__name__}: {exc})") from exc
         return model
