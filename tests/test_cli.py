@@ -55,3 +55,18 @@ def test_errors_are_one_line_messages(tmp_path, capsys):
 def test_console_script_runs():
     result = subprocess.run([sys.executable, "-m", "patchcore.cli", "backbones"], capture_output=True, text=True, check=True)
     assert "efficientnet_lite0" in result.stdout and "wide_resnet50_2" in result.stdout
+
+
+def test_fit_with_calibration_flags_defects_in_predict(tmp_path, product_images, capsys):
+    train = str(product_images["train"][0].parent)
+    good = [str(p) for p in product_images["good"]]
+    assert main(["fit", train, "-o", str(tmp_path / "model"), "--resize", "64", "--crop", "64",
+                 "--calibrate", *good, "--max-fpr", "0"]) == 0
+    assert "threshold" in capsys.readouterr().out
+    inputs = [str(p) for p in product_images["defective"]]
+    assert main(["predict", str(tmp_path / "model"), *inputs, "-o", str(tmp_path / "out")]) == 0
+    with open(tmp_path / "out" / "scores.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["is_anomalous"] for r in rows] == ["1"] * 4
+    mask = np.asarray(Image.open(tmp_path / "out" / "masks" / "bad_0.png"))
+    assert mask.shape == (64, 64) and mask[27, 31] == 255 and mask[2, 2] == 0

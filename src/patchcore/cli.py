@@ -8,6 +8,9 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
+from PIL import Image
+
 from . import __version__
 from .backbones import DEFAULT_BACKBONE, IMAGENET_WEIGHTS, REGISTRY
 from .coreset import MAX_RATIO, MIN_RATIO
@@ -89,6 +92,9 @@ class SkippedImages:
 def _cmd_fit(args: argparse.Namespace) -> int:
     skipped = SkippedImages() if args.skip_bad_images else None
     model = model_from_args(args).fit(args.train, on_error=skipped)
+    if args.calibrate:
+        model.calibrate_threshold(args.calibrate, args.max_fpr)
+        print(f"threshold {model.threshold_:.4f} ({model.threshold_source_})")
     model.save(args.output)
     timings = ", ".join(f"{k} {v:.1f}s" for k, v in model.fit_timings_.items())
     print(f"fitted on {model.n_training_images_} images: memory bank {model.memory_bank_.shape[0]} x "
@@ -109,26 +115,33 @@ def _unique_stems(names: list[str]) -> list[str]:
 
 
 def write_predictions(model: PatchCore, predictions: list[Prediction], output: Path, overlays: bool = True) -> None:
-    """``scores.csv`` (path, score) and, optionally, one heat-map overlay per image.
+    """``scores.csv`` (path, score[, is_anomalous]) and, optionally, one heat-map overlay per image.
 
-    The heat maps share one colour scale: from the lowest to the highest patch score of the run.
+    The heat maps share one colour scale: from the lowest patch score of the run to the highest
+    (or to twice the threshold when the model has one, so that red means "well above it"). With a
+    threshold, the binary defect mask of each image is written too.
     """
     output.mkdir(parents=True, exist_ok=True)
+    decided = getattr(model, "threshold_", None) is not None
     with open(output / "scores.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["path", "score"])
+        writer.writerow(["path", "score"] + (["is_anomalous"] if decided else []))
         for prediction in predictions:
-            writer.writerow([prediction.name, f"{prediction.score:.6f}"])
+            writer.writerow([prediction.name, f"{prediction.score:.6f}"] + ([int(bool(prediction.is_anomalous))] if decided else []))
     if not overlays or not predictions:
         return
     low = min(float(p.patch_scores.min()) for p in predictions)
-    high = max(float(p.patch_scores.max()) for p in predictions)
+    high = max(float(p.patch_scores.max()) for p in predictions) if not decided else 2 * model.threshold_
     folder = output / "overlays"
     folder.mkdir(exist_ok=True)
     for prediction, stem in zip(predictions, _unique_stems([p.name for p in predictions])):
         image = read_image(prediction.name)
         pixel_map = prediction.anomaly_map if prediction.anomaly_map is not None else model.anomaly_map_for(prediction.patch_scores, image)
         side_by_side(image, heat_map_overlay(image, pixel_map, low, high)).save(folder / f"{stem}.png")
+        if decided:
+            masks = output / "masks"
+            masks.mkdir(exist_ok=True)
+            Image.fromarray((pixel_map >= model.pixel_threshold_).astype(np.uint8) * 255).save(masks / f"{stem}.png")
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
@@ -144,7 +157,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     finally:  # even when interrupted, keep what was computed
         write_predictions(model, predictions, Path(args.output), overlays=not args.no_overlays)
     for prediction in predictions:
-        print(f"{prediction.score:10.4f}  {prediction.name}")
+        verdict = "" if prediction.is_anomalous is None else ("  ANOMALOUS" if prediction.is_anomalous else "  ok")
+        print(f"{prediction.score:10.4f}{verdict}  {prediction.name}")
     print(f"wrote {Path(args.output) / 'scores.csv'}" + ("" if args.no_overlays else f" and {len(predictions)} overlays"))
     if skipped.errors:
         print(f"error: {len(skipped.errors)} of {len(skipped.errors) + len(predictions)} images could not be read", file=sys.stderr)
@@ -179,6 +193,10 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("train", nargs="+", metavar="TRAIN", help="folder(s) or image files of good products")
     fit.add_argument("-o", "--output", required=True, metavar="MODEL_DIR", help="folder to save the model in")
     fit.add_argument("--skip-bad-images", action="store_true", help="warn about and skip unreadable images instead of stopping")
+    fit.add_argument("--calibrate", nargs="+", metavar="GOOD", default=None,
+                     help="held-out good images or folders: set the decision threshold from them")
+    fit.add_argument("--max-fpr", type=float, default=0.01,
+                     help="with --calibrate: largest share of good images that may be flagged (default: 0.01)")
     add_model_options(fit)
     fit.set_defaults(handler=_cmd_fit)
 
