@@ -1,4 +1,4 @@
-"""The ``patchcore`` command: fit, predict, demo, backbones."""
+"""The ``patchcore`` command: fit, predict, evaluate, serve, demo, backbones."""
 
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ from . import __version__
 from .backbones import DEFAULT_BACKBONE, IMAGENET_WEIGHTS, REGISTRY
 from .coreset import MAX_RATIO, MIN_RATIO
 from .errors import ImageLoadError, PatchCoreError
+from .evaluate import add_evaluate_parser
+from .service import add_serve_parser
 from .images import read_image
 from .model import PatchCore, Prediction
 from .overlay import heat_map_overlay, side_by_side
@@ -216,6 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--train-images", type=int, default=200, help="good cells to fit on (default: 200)")
     demo.add_argument("--seed", type=int, default=0, help="seed of the data split (default: 0)")
     demo.set_defaults(handler=_cmd_demo)
+
+    add_evaluate_parser(commands)
+    add_serve_parser(commands)
 
     backbones = commands.add_parser("backbones", help="list the known backbones", description="List the known backbones.")
     backbones.set_defaults(handler=_cmd_backbones)

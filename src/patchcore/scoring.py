@@ -52,22 +52,19 @@ def anomaly_map(
 
     As the paper: bilinear upsampling to the network input (``input_size``), Gaussian smoothing
     with ``sigma`` input pixels; then the input is mapped back onto the region ``box`` of the
-    original image it was cut from (bilinear), and outside that region the border values extend.
+    original image it was cut from (bilinear, to the nearest whole pixel), and outside that region
+    the border values extend (the network did not see it).
     """
     grid = torch.from_numpy(np.ascontiguousarray(patch_scores, dtype=np.float32))[None, None]
     upsampled = F.interpolate(grid, size=input_size, mode="bilinear", align_corners=False)[0, 0].numpy()
     smoothed = gaussian_filter(upsampled, sigma=sigma) if sigma > 0 else upsampled
     height, width = image_size
-    # Pixel centres of the original image, in the normalised [-1, 1] coordinates of the box.
-    xs = ((np.arange(width, dtype=np.float32) + 0.5 - box.left) / (box.right - box.left)) * 2 - 1
-    ys = ((np.arange(height, dtype=np.float32) + 0.5 - box.top) / (box.bottom - box.top)) * 2 - 1
-    if np.allclose(xs, np.linspace(-1 + 1 / width, 1 - 1 / width, width), atol=1e-6) and np.allclose(
-        ys, np.linspace(-1 + 1 / height, 1 - 1 / height, height), atol=1e-6
-    ):  # the box is the whole image: a plain resize
-        resized = F.interpolate(torch.from_numpy(smoothed)[None, None], size=(height, width), mode="bilinear", align_corners=False)
-        return resized[0, 0].numpy()
-    sample_grid = torch.stack(torch.meshgrid(torch.from_numpy(ys), torch.from_numpy(xs), indexing="ij")[::-1], dim=-1)
-    mapped = F.grid_sample(
-        torch.from_numpy(smoothed)[None, None], sample_grid[None], mode="bilinear", padding_mode="border", align_corners=False
-    )
-    return mapped[0, 0].numpy()
+    # The box in whole original pixels (at most half a pixel off), clipped to the image.
+    left, right = max(0, round(box.left)), min(width, max(round(box.right), round(box.left) + 1))
+    top, bottom = max(0, round(box.top)), min(height, max(round(box.bottom), round(box.top) + 1))
+    inside = F.interpolate(
+        torch.from_numpy(np.ascontiguousarray(smoothed))[None, None], size=(bottom - top, right - left), mode="bilinear", align_corners=False
+    )[0, 0].numpy()
+    if (top, left, bottom, right) == (0, 0, height, width):
+        return inside
+    return np.pad(inside, ((top, height - bottom), (left, width - right)), mode="edge")

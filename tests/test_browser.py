@@ -1,0 +1,136 @@
+"""The web page in a real headless Chromium against the real server (uvicorn on a loopback port)."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+uvicorn = pytest.importorskip("uvicorn")
+pytest.importorskip("fastapi")
+webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
+
+from selenium.webdriver.chrome.options import Options  # noqa: E402
+from selenium.webdriver.chrome.service import Service  # noqa: E402
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+
+from patchcore import PatchCore  # noqa: E402
+from patchcore.service import create_app  # noqa: E402
+
+BAD_INPUTS = Path(__file__).parent / "data" / "bad_inputs"
+
+
+def _find(*names: str) -> str | None:
+    for name in names:
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+CHROMIUM = _find("chromium", "chromium-browser", "google-chrome", "chrome")
+CHROMEDRIVER = _find("chromedriver")
+
+pytestmark = pytest.mark.skipif(
+    CHROMIUM is None or CHROMEDRIVER is None,
+    reason="no Chromium and chromedriver found (Debian: apt-get install chromium chromium-driver)",
+)
+
+
+def _images(n: int, size: int = 64, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:size, 0:size]
+    base = np.stack([x * 4, y * 4, (x + y) * 2], axis=-1).astype(np.float64)
+    return [np.clip(base + rng.normal(0, 6, base.shape), 0, 255).astype(np.uint8) for _ in range(n)]
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server_url(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("browser") / "tiny"
+    PatchCore(coreset_ratio=0.1, resize=64, crop=64).fit(_images(8)).save(directory)
+    port = _free_port()
+    config = uvicorn.Config(create_app({"tiny": directory}), host="127.0.0.1", port=port, log_level="warning")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            pytest.fail("the service did not start")
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    options = Options()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage", "--window-size=1280,1000",
+                 f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(30)
+    yield driver
+    driver.quit()
+
+
+def _upload(browser, path: Path) -> None:
+    browser.find_element(By.ID, "file").send_keys(str(path))
+
+
+def test_upload_shows_score_overlay_and_history(browser, server_url, tmp_path):
+    normal, defect = tmp_path / "normal.png", tmp_path / "defect.png"
+    Image.fromarray(_images(1, seed=5)[0]).save(normal)
+    damaged = _images(1, seed=6)[0]
+    damaged[20:40, 20:40] = 255
+    Image.fromarray(damaged).save(defect)
+
+    browser.get(server_url + "/")
+    wait = WebDriverWait(browser, 30)
+    wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "true")
+    assert browser.find_element(By.ID, "model").get_attribute("value") == "tiny"
+    assert "efficientnet_lite0" in browser.find_element(By.ID, "model-info").text
+
+    _upload(browser, normal)
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#history li")) == 1)
+    score = float(browser.find_element(By.ID, "score").text)
+    assert score > 0
+    assert browser.find_element(By.ID, "verdict").text == "No threshold"
+    overlay = browser.find_element(By.ID, "overlay")
+    assert overlay.get_attribute("src").startswith("data:image/png;base64,")
+    wait.until(lambda d: d.execute_script("return document.getElementById('overlay').naturalWidth") == 64)
+    wait.until(lambda d: d.execute_script("return document.getElementById('original').naturalWidth") == 64)
+    assert browser.find_element(By.ID, "result").is_displayed()
+
+    _upload(browser, defect)
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#history li")) == 2)
+    wait.until(lambda d: d.find_element(By.ID, "score").text != f"{score:.4f}")
+    assert float(browser.find_element(By.ID, "score").text) > score
+    newest = browser.find_elements(By.CSS_SELECTOR, "#history li")[0]
+    assert "defect.png" in newest.text
+
+    _upload(browser, BAD_INPUTS / "truncated.png")
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#history li")) == 3)
+    status = browser.find_element(By.ID, "status")
+    assert "truncated" in status.text and "error" in status.get_attribute("class")
+    assert "error" in browser.find_elements(By.CSS_SELECTOR, "#history li")[0].get_attribute("class")
+    # no script errors or Content-Security-Policy violations; only the refused upload's 422 may be logged
+    severe = [entry["message"] for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
+    assert all("422" in message for message in severe), severe

@@ -1,0 +1,139 @@
+"""``patchcore evaluate``: metrics, per-category failures, reports and the command line."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import re
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import product_image, small_model_settings
+from patchcore import PatchCore, metrics
+from patchcore.datasets import load_mvtec_category
+from patchcore.evaluate import KEYS, add_evaluate_parser, evaluate_dataset, format_table
+
+SIZE = 64
+
+
+def _write_category(root, name, rng, corrupt=False):
+    folder = root / name
+    for sub in ("train/good", "test/good", "test/blotch", "ground_truth/blotch"):
+        (folder / sub).mkdir(parents=True)
+    for i in range(10):
+        Image.fromarray(product_image(rng, SIZE)).save(folder / "train/good" / f"{i:03d}.png")
+    for i in range(3):
+        Image.fromarray(product_image(rng, SIZE)).save(folder / "test/good" / f"{i:03d}.png")
+        row, col, side = 12 + 10 * i, 20, 14
+        Image.fromarray(product_image(rng, SIZE, defect=(row, col, side))).save(folder / "test/blotch" / f"{i:03d}.png")
+        mask = np.zeros((SIZE, SIZE), dtype=np.uint8)
+        mask[row : row + side, col : col + side] = 255
+        Image.fromarray(mask).save(folder / "ground_truth/blotch" / f"{i:03d}_mask.png")
+    if corrupt:
+        (folder / "train/good" / "005.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+
+
+@pytest.fixture(scope="module")
+def mvtec_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mvtec")
+    rng = np.random.default_rng(1)
+    _write_category(root, "widget", rng)
+    _write_category(root, "broken", rng, corrupt=True)
+    return root
+
+
+def _parse(argv):
+    parser = argparse.ArgumentParser(prog="patchcore")
+    add_evaluate_parser(parser.add_subparsers(dest="command"))
+    return parser.parse_args(argv)
+
+
+def _fast_options():
+    s = small_model_settings()
+    return ["--resize", str(s["resize"]), "--crop", str(s["crop"]), "--coreset-ratio", str(s["coreset_ratio"]),
+            "--batch-size", str(s["batch_size"])]
+
+
+def test_evaluate_command_end_to_end(mvtec_root, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = _parse(["evaluate", str(mvtec_root), "-o", str(out), "--json", *_fast_options()])
+    assert args.handler(args) == 1  # one category failed
+    captured = capsys.readouterr()
+    rows = json.loads(captured.out)  # stdout holds only the JSON
+    assert "broken" in captured.err and "005.png" in captured.err
+    by_name = {row["category"]: row for row in rows}
+    assert [row["category"] for row in rows] == ["broken", "widget", "mean"]
+
+    widget = by_name["widget"]
+    assert set(widget) == set(KEYS)
+    assert widget["image_auroc"] == 1.0
+    assert widget["pixel_auroc"] > 0.9
+    assert 0 < widget["aupro"] <= 1
+    assert widget["fit_seconds"] > 0 and widget["ms_per_image"] > 0 and widget["memory_bank_size"] > 0
+    assert widget["backbone"] == "efficientnet_lite0" and widget["coreset_ratio"] == 0.25
+
+    broken = by_name["broken"]
+    assert set(broken) == set(KEYS) | {"error"} and "005.png" in broken["error"] and broken["image_auroc"] is None
+
+    mean = by_name["mean"]
+    assert set(mean) == set(KEYS)
+    assert mean["image_auroc"] == widget["image_auroc"] and mean["aupro"] == pytest.approx(widget["aupro"])
+
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved == rows
+    with open(out / "metrics.csv") as handle:
+        reader = csv.DictReader(handle)
+        assert reader.fieldnames == [*KEYS, "error"]
+        table = list(reader)
+    assert [r["category"] for r in table] == ["broken", "widget", "mean"]
+    assert float(table[1]["image_auroc"]) == 1.0 and table[0]["error"]
+
+    report = out / "widget" / "report.html"
+    text = report.read_text()
+    sources = re.findall(r"src='([^']+)'|src=\"([^\"]+)\"", text)
+    sources = [a or b for a, b in sources]
+    assert "roc.png" in sources and "pro.png" in sources and len(sources) >= 2 + 6
+    for source in sources:
+        assert (report.parent / source).is_file(), source
+    overlays = sorted((out / "widget" / "images").glob("*.png"))
+    assert len(overlays) == 6
+    with Image.open(overlays[0]) as overlay:
+        assert overlay.height == SIZE and overlay.width > 2 * SIZE
+    assert not (out / "broken" / "report.html").exists()
+
+    text = format_table(rows)
+    lines = text.splitlines()
+    assert lines[0].split()[0] == "category" and lines[-1].startswith("mean")
+    assert "100.0" in text and "error" in text
+
+
+def test_eval_size_and_single_category_folder(mvtec_root, tmp_path, capsys):
+    # Pixel metrics on resized maps and masks give the same ordering as full resolution on this easy data.
+    dataset = load_mvtec_category(mvtec_root, "widget")
+    result = evaluate_dataset(PatchCore(**small_model_settings()), dataset, None, eval_size=32)
+    assert set(KEYS) <= set(result) and result["pixel_eval_size"] == 32
+    assert result["image_auroc"] == 1.0 and result["pixel_auroc"] > 0.9 and 0 < result["aupro"] <= 1
+    assert 0 < result["pixel_f1_max"] <= 1 and result["image_f1_max"] == 1.0
+
+    # A category folder as ROOT, printed as a table.
+    args = _parse(["evaluate", str(mvtec_root / "widget"), "-o", str(tmp_path / "out"), "--eval-size", "48", *_fast_options()])
+    assert args.handler(args) == 0
+    out = capsys.readouterr().out
+    assert "widget" in out and out.splitlines()[0].startswith("category")
+    per_category = json.loads((tmp_path / "out" / "widget" / "metrics.json").read_text())
+    assert per_category["pixel_eval_size"] == 48
+
+
+def test_pro_area_matches_metrics_aupro():
+    from patchcore.evaluate import _area_to_limit
+
+    rng = np.random.default_rng(0)
+    masks = [np.zeros((20, 20), bool) for _ in range(3)]
+    masks[0][2:8, 3:9] = True
+    masks[1][10:18, 5:7] = True
+    maps = [rng.random((20, 20)).astype(np.float32) + m * 0.5 for m in masks]
+    fpr, pro = metrics.pro_curve_points(masks, maps)
+    assert _area_to_limit(fpr, pro) == pytest.approx(metrics.aupro(masks, maps))
