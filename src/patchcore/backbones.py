@@ -26,7 +26,9 @@ from .weights import (
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-# EfficientNet-Lite was trained on inputs scaled to [-1, 1].
+# EfficientNet-Lite was trained on inputs scaled to [-1, 1]; for anomaly detection ImageNet's
+# mean/std (a ~2x stronger contrast) measured better on MVTec bottle (pixel AUROC 98.7 vs 98.3,
+# image AUROC 100 both), so the registry uses it. README, "Backbones", has the comparison.
 SYMMETRIC_MEAN = (0.5, 0.5, 0.5)
 SYMMETRIC_STD = (0.5, 0.5, 0.5)
 
@@ -61,8 +63,8 @@ def _lite(variant: int) -> BackboneSpec:
         name=f"efficientnet_lite{variant}",
         architecture=f"tf_efficientnet_lite{variant}",
         layers=("blocks.2", "blocks.4"),
-        mean=SYMMETRIC_MEAN,
-        std=SYMMETRIC_STD,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
         feature_width=None,
         pretrained_tag=f"tf_efficientnet_lite{variant}.in1k",
         packaged_lite_variant=variant,
