@@ -16,6 +16,7 @@ from .backbones import DEFAULT_BACKBONE, IMAGENET_WEIGHTS, REGISTRY
 from .coreset import MAX_RATIO, MIN_RATIO
 from .errors import ImageLoadError, PatchCoreError
 from .evaluate import add_evaluate_parser
+from .experiments import add_experiment_parser
 from .service import add_serve_parser
 from .images import read_image
 from .model import PatchCore, Prediction
@@ -60,9 +61,19 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                        help="exact nearest-neighbour search implementation (default: torch, faster on CPU)")
     group.add_argument("--seed", type=int, default=0, help="seed of the coreset selection (default: 0)")
     group.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default: 8)")
+    group.add_argument("--method", choices=("patchcore", "spade", "padim"), default="patchcore",
+                       help="detector: patchcore, or the paper's baselines spade / padim on the same features "
+                            "(evaluate only: baselines cannot be saved) (default: patchcore)")
 
 
 def model_from_args(args: argparse.Namespace) -> PatchCore:
+    method = getattr(args, "method", "patchcore")
+    if method != "patchcore":
+        from .baselines import create_detector
+
+        return create_detector(method, backbone=args.backbone, layers=args.layers, weights=args.weights,
+                               feature_width=args.feature_width, neighbourhood=args.neighbourhood, resize=args.resize,
+                               crop=args.crop, seed=args.seed, batch_size=args.batch_size, progress=True)
     return PatchCore(
         backbone=args.backbone,
         layers=args.layers,
@@ -92,6 +103,9 @@ class SkippedImages:
 
 
 def _cmd_fit(args: argparse.Namespace) -> int:
+    if getattr(args, "method", "patchcore") != "patchcore":
+        raise ValueError(f"fit --method {args.method}: the SPADE and PaDiM baselines cannot be saved; "
+                         f"compare them with 'patchcore evaluate --method {args.method}' or 'patchcore experiment methods'")
     skipped = SkippedImages() if args.skip_bad_images else None
     model = model_from_args(args).fit(args.train, on_error=skipped)
     if args.calibrate:
@@ -220,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(handler=_cmd_demo)
 
     add_evaluate_parser(commands)
+    add_experiment_parser(commands)
     add_serve_parser(commands)
 
     backbones = commands.add_parser("backbones", help="list the known backbones", description="List the known backbones.")

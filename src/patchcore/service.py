@@ -42,6 +42,7 @@ from .images import to_rgb
 from .model import PatchCore
 from .overlay import colourise, heat_map_overlay
 from .persistence import MANIFEST, read_manifest
+from .service_metrics import Metrics
 
 logger = logging.getLogger("patchcore.service")
 
@@ -237,84 +238,6 @@ def _image_png_base64(image: Image.Image) -> str:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", compress_level=3)
     return base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
-# -- metrics ------------------------------------------------------------------------------------
-
-_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-
-
-def _label(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-class Metrics:
-    """Request counters, a latency histogram and inference gauges in Prometheus text format."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.requests: dict[tuple[str, str, int], int] = {}
-        self.latency: dict[str, list[float]] = {}  # endpoint -> bucket counts + [sum, count]
-        self.inferences: dict[tuple[str, str], int] = {}
-        self.in_flight = 0
-        self.waiting = 0
-        self.started = time.time()
-
-    def observe(self, endpoint: str, method: str, status: int, seconds: float) -> None:
-        with self._lock:
-            key = (endpoint, method, status)
-            self.requests[key] = self.requests.get(key, 0) + 1
-            row = self.latency.setdefault(endpoint, [0.0] * (len(_LATENCY_BUCKETS) + 2))
-            for i, bound in enumerate(_LATENCY_BUCKETS):
-                if seconds <= bound:
-                    row[i] += 1
-            row[-2] += seconds
-            row[-1] += 1
-
-    def count_inference(self, model: str, outcome: str) -> None:
-        with self._lock:
-            self.inferences[(model, outcome)] = self.inferences.get((model, outcome), 0) + 1
-
-    def render(self, models: int) -> str:
-        with self._lock:
-            lines = [
-                "# HELP patchcore_http_requests_total HTTP requests by endpoint, method and status.",
-                "# TYPE patchcore_http_requests_total counter",
-            ]
-            for (endpoint, method, status), count in sorted(self.requests.items()):
-                lines.append(f'patchcore_http_requests_total{{endpoint="{_label(endpoint)}",method="{method}",status="{status}"}} {count}')
-            lines += [
-                "# HELP patchcore_http_request_duration_seconds Time to answer a request.",
-                "# TYPE patchcore_http_request_duration_seconds histogram",
-            ]
-            for endpoint, row in sorted(self.latency.items()):
-                label = _label(endpoint)
-                for bound, count in zip(_LATENCY_BUCKETS, row):
-                    lines.append(f'patchcore_http_request_duration_seconds_bucket{{endpoint="{label}",le="{bound}"}} {int(count)}')
-                lines.append(f'patchcore_http_request_duration_seconds_bucket{{endpoint="{label}",le="+Inf"}} {int(row[-1])}')
-                lines.append(f'patchcore_http_request_duration_seconds_sum{{endpoint="{label}"}} {row[-2]:.6f}')
-                lines.append(f'patchcore_http_request_duration_seconds_count{{endpoint="{label}"}} {int(row[-1])}')
-            lines += [
-                "# HELP patchcore_inferences_total Images scored, by model and outcome.",
-                "# TYPE patchcore_inferences_total counter",
-            ]
-            for (model, outcome), count in sorted(self.inferences.items()):
-                lines.append(f'patchcore_inferences_total{{model="{_label(model)}",outcome="{outcome}"}} {count}')
-            lines += [
-                "# HELP patchcore_inferences_in_flight Images being decoded or scored now.",
-                "# TYPE patchcore_inferences_in_flight gauge",
-                f"patchcore_inferences_in_flight {self.in_flight}",
-                "# HELP patchcore_inference_queue Requests waiting for an inference slot.",
-                "# TYPE patchcore_inference_queue gauge",
-                f"patchcore_inference_queue {self.waiting}",
-                "# HELP patchcore_models_loaded Models served.",
-                "# TYPE patchcore_models_loaded gauge",
-                f"patchcore_models_loaded {models}",
-                "# HELP patchcore_start_time_seconds Start time of the service (Unix time).",
-                "# TYPE patchcore_start_time_seconds gauge",
-                f"patchcore_start_time_seconds {self.started:.3f}",
-            ]
-        return "\n".join(lines) + "\n"
 
 
 # -- ASGI guard: body limit, security headers, metrics ------------------------------------------
