@@ -128,12 +128,10 @@ def test_eval_size_and_single_category_folder(mvtec_root, tmp_path, capsys):
 
 
 def test_pro_area_matches_metrics_aupro():
-    from patchcore.evaluate import _area_to_limit
-
     rng = np.random.default_rng(0)
     masks = [np.zeros((20, 20), bool) for _ in range(3)]
     masks[0][2:8, 3:9] = True
     masks[1][10:18, 5:7] = True
     maps = [rng.random((20, 20)).astype(np.float32) + m * 0.5 for m in masks]
     fpr, pro = metrics.pro_curve_points(masks, maps)
-    assert _area_to_limit(fpr, pro) == pytest.approx(metrics.aupro(masks, maps))
+    assert metrics.area_under_pro(fpr, pro, 0.3) == pytest.approx(metrics.aupro(masks, maps))

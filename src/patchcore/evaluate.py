@@ -94,18 +94,6 @@ def _unique_stems(samples: Sequence[TestSample]) -> list[str]:
 # -- metrics helpers -------------------------------------------------------------------------
 
 
-def _area_to_limit(fpr: np.ndarray, pro: np.ndarray, fpr_limit: float = AUPRO_FPR_LIMIT) -> float:
-    """Normalised area under a PRO curve up to ``fpr_limit`` (the same rule as :func:`metrics.aupro`)."""
-    inside = int(np.searchsorted(fpr, fpr_limit, side="right"))
-    if inside < fpr.size:
-        x0, x1, y0, y1 = fpr[inside - 1], fpr[inside], pro[inside - 1], pro[inside]
-        pro_at_limit = y0 + (y1 - y0) * (fpr_limit - x0) / (x1 - x0)
-        fpr = np.r_[fpr[:inside], fpr_limit]
-        pro = np.r_[pro[:inside], pro_at_limit]
-    area = float(np.sum((fpr[1:] - fpr[:-1]) * (pro[1:] + pro[:-1]) / 2.0))
-    return min(max(area / fpr_limit, 0.0), 1.0)
-
-
 def _pixel_counts(masks: Sequence[np.ndarray], maps: Sequence[np.ndarray], bins: int = PIXEL_THRESHOLDS):
     """Thresholds (ascending) and, for each, the anomalous and normal pixels scored at or above it.
 
@@ -256,7 +244,7 @@ def evaluate_dataset(model: PatchCore, dataset: Dataset, output: Path | None, ev
     if with_masks:
         result["pixel_auroc"] = metrics.pixel_auroc(metric_masks, metric_maps)
         fpr, pro = metrics.pro_curve_points(metric_masks, metric_maps)
-        result["aupro"] = _area_to_limit(fpr, pro)
+        result["aupro"] = metrics.area_under_pro(fpr, pro, AUPRO_FPR_LIMIT)
         curves["pro"] = (fpr, pro)
         f1, threshold, pixel_fpr, pixel_tpr = _pixel_f1_and_roc(metric_masks, metric_maps)
         result["pixel_f1_max"], result["pixel_f1_threshold"] = f1, threshold

@@ -186,6 +186,12 @@ def aupro(
     if not 0.0 < fpr_limit <= 1.0:
         raise ValueError(f"fpr_limit must be in (0, 1], got {fpr_limit}")
     fpr, pro = pro_curve_points(masks, maps, num_thresholds)
+    return area_under_pro(fpr, pro, fpr_limit)
+
+
+def area_under_pro(fpr: np.ndarray, pro: np.ndarray, fpr_limit: float = 0.3) -> float:
+    """Trapezoidal area under a PRO curve (ascending ``fpr``, from 0) up to exactly ``fpr_limit``,
+    interpolated linearly there, divided by ``fpr_limit``."""
     inside = int(np.searchsorted(fpr, fpr_limit, side="right"))  # fpr[:inside] <= fpr_limit
     if inside < fpr.size:
         x0, x1, y0, y1 = fpr[inside - 1], fpr[inside], pro[inside - 1], pro[inside]
