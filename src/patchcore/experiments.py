@@ -221,7 +221,8 @@ def run_cells(spec: Spec, dataset: Dataset, output: Path, eval_size: int | None,
     for number, cell in enumerate(spec.cells, 1):
         key = cell_key(cell)
         label = ", ".join(f"{k}={v}" for k, v in cell.items())
-        if key in done and _same_settings(done[key].get("settings"), spec.settings):
+        # A cell skipped for want of weights is tried again: the weights may be installed by now.
+        if key in done and "skipped" not in done[key] and _same_settings(done[key].get("settings"), spec.settings):
             if progress:
                 _log(f"[{spec.name} {number}/{len(spec.cells)}] {label}: done before, skipped")
             continue
