@@ -43,7 +43,7 @@ def _images(n_train: int, n_test: int):
     return "generated 224 px arrays", images[:n_train], images[n_train:]
 
 
-def run_one(backbone: str, ratio: float, n_train: int, n_test: int) -> dict:
+def run_one(backbone: str, ratio: float, n_train: int, n_test: int, search: str = "torch") -> dict:
     """Fit once (timing each stage, peak RSS), then time inference at batch 1."""
     import torch
 
@@ -53,7 +53,7 @@ def run_one(backbone: str, ratio: float, n_train: int, n_test: int) -> dict:
     source, train, test = _images(n_train, n_test)
     weights = "imagenet" if backbone.startswith("efficientnet_lite") else "random"
     rss_start = _rss_mib()
-    model = PatchCore(backbone=backbone, weights=weights, coreset_ratio=ratio, batch_size=8).fit(train)
+    model = PatchCore(backbone=backbone, weights=weights, coreset_ratio=ratio, batch_size=8, search_backend=search).fit(train)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     matrix_mib = model.n_training_patches_ * model.memory_bank_.shape[1] * 4 / 2**20
     decoded = [read_image(p) for p in test]  # decode once: time the model, not PNG decoding
@@ -67,7 +67,7 @@ def run_one(backbone: str, ratio: float, n_train: int, n_test: int) -> dict:
     wall_ms = 1000 * (time.perf_counter() - started) / len(decoded)
     split = {k: 1000 * v / len(decoded) for k, v in totals.items()}
     return {
-        "backbone": backbone, "ratio": ratio, "data": source, "threads": torch.get_num_threads(),
+        "backbone": backbone, "ratio": ratio, "search": search, "data": source, "threads": torch.get_num_threads(),
         "train_images": n_train, "feature_matrix": [model.n_training_patches_, model.memory_bank_.shape[1]],
         "feature_matrix_mib": matrix_mib, "bank_size": model.memory_bank_.shape[0],
         "fit_seconds": model.fit_timings_, "ms_per_image": wall_ms, "ms_split": split,
@@ -80,19 +80,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbones", default="efficientnet_lite0,wide_resnet50_2")
     parser.add_argument("--ratios", default="0.01,0.1")
+    parser.add_argument("--search", default="torch", help="search backend(s), comma-separated: torch, faiss, hnsw, ivfpq")
     parser.add_argument("--train", type=int, default=200)
     parser.add_argument("--test", type=int, default=100)
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--ratio", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(run_one(args.one, args.ratio, args.train, args.test)))
+        print(json.dumps(run_one(args.one, args.ratio, args.train, args.test, args.search)))
         return
     env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
-    for backbone in args.backbones.split(","):
-        for ratio in [float(r) for r in args.ratios.split(",")]:
+    for backbone, ratio, search in [(b, float(r), s) for b in args.backbones.split(",")
+                                    for r in args.ratios.split(",") for s in args.search.split(",")]:
             output = subprocess.run(
-                [sys.executable, __file__, "--one", backbone, "--ratio", str(ratio), "--train", str(args.train), "--test", str(args.test)],
+                [sys.executable, __file__, "--one", backbone, "--ratio", str(ratio), "--search", search,
+                 "--train", str(args.train), "--test", str(args.test)],
                 env=env, capture_output=True, text=True,
             )
             if output.returncode != 0:
@@ -101,7 +103,7 @@ def main() -> None:
             r = json.loads(output.stdout.strip().splitlines()[-1])
             fit = r["fit_seconds"]
             split = ", ".join(f"{k} {v:.1f}" for k, v in r["ms_split"].items())
-            print(f"\n== {backbone}, coreset {ratio} ({r['data']}, {r['threads']} threads) ==", flush=True)
+            print(f"\n== {backbone}, coreset {ratio}, {search} search ({r['data']}, {r['threads']} threads) ==", flush=True)
             print(f"fit: features {fit['features']:.1f} s ({r['feature_matrix'][0]} x {r['feature_matrix'][1]}, "
                   f"{r['feature_matrix_mib']:.0f} MiB), coreset {fit['coreset']:.1f} s -> {r['bank_size']} vectors, "
                   f"index {1000 * fit['index']:.1f} ms")

@@ -171,3 +171,22 @@ def test_threshold_from_good_images_is_saved_and_drives_decisions(tmp_path, prod
     assert loaded.threshold_ == model.threshold_ and "good images" in loaded.threshold_source_
     with pytest.raises(ValueError, match="finite"):
         model.set_threshold(float("nan"))
+
+
+@pytest.mark.parametrize("backend", ["hnsw", "ivfpq"])
+def test_approximate_search_backends_stay_close_to_exact(product_images, backend, tmp_path):
+    exact = PatchCore(**small_model_settings()).fit(product_images["train"])
+    approximate = PatchCore(**small_model_settings(search_backend=backend)).fit(product_images["train"])
+    images = product_images["good"] + product_images["defective"]
+    exact_predictions = exact.predict(images, maps=False)
+    approximate_predictions = approximate.predict(images, maps=False)
+    # An approximate neighbour is never nearer than the true one: patch scores only rise.
+    for e, a in zip(exact_predictions, approximate_predictions):
+        assert np.all(a.patch_scores >= e.patch_scores * (1 - 1e-4))
+    # Image scores (eq. 7 also depends on the neighbours found) stay close, and the ranking holds.
+    exact_scores = np.array([p.score for p in exact_predictions])
+    approximate_scores = np.array([p.score for p in approximate_predictions])
+    assert np.allclose(approximate_scores, exact_scores, rtol=0.1)
+    assert min(approximate_scores[4:]) > max(approximate_scores[:4])
+    approximate.save(tmp_path / "m")
+    assert PatchCore.load(tmp_path / "m").search_backend == backend

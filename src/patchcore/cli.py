@@ -57,8 +57,9 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--resize", type=_positive_or_none, default=256, help="shorter side resized to this, or 'none' (default: 256)")
     group.add_argument("--crop", type=_positive_or_none, default=224, help="centre crop size, or 'none' (default: 224)")
     group.add_argument("--no-reweight", action="store_true", help="image score = plain maximum patch score instead of eq. 7")
-    group.add_argument("--search-backend", choices=("torch", "faiss"), default="torch",
-                       help="exact nearest-neighbour search implementation (default: torch, faster on CPU)")
+    group.add_argument("--search-backend", choices=("torch", "faiss", "hnsw", "ivfpq"), default="torch",
+                       help="nearest-neighbour search: exact with torch (default, faster on CPU) or faiss, "
+                            "or approximate with faiss hnsw / ivfpq (faster for large memory banks)")
     group.add_argument("--seed", type=int, default=0, help="seed of the coreset selection (default: 0)")
     group.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default: 8)")
     group.add_argument("--method", choices=("patchcore", "spade", "padim"), default="patchcore",

@@ -26,6 +26,8 @@ from .errors import ImageLoadError, ModelFormatError, NotFittedError
 from .features import PatchFeatures
 from .images import CropBox, ImageSource, InputTransform, LoadedBatch, expand_sources, iterate_batches, read_image
 from .scoring import anomaly_map, reweighted_image_score
+from .approximate_search import KINDS as APPROXIMATE_KINDS
+from .approximate_search import ApproximateIndex
 from .search import BACKENDS, MemoryBankIndex
 from .weights import load_into
 
@@ -72,7 +74,8 @@ class PatchCore:
     smoothing_sigma: Gaussian smoothing of the anomaly map, in network-input pixels (paper: 4).
     weights: ``"imagenet"`` (packaged or downloaded), a local state-dict file, or ``"random"``.
     feature_location: timm feature location, e.g. ``"expansion"`` for EfficientNets (default per backbone).
-    search_backend: exact nearest-neighbour search with ``"torch"`` (faster here) or ``"faiss"`` (IndexFlatL2).
+    search_backend: exact nearest-neighbour search with ``"torch"`` (faster here) or ``"faiss"`` (IndexFlatL2),
+        or approximate search with faiss ``"hnsw"`` or ``"ivfpq"`` (faster for large banks, scores may rise slightly).
     batch_size, seed, progress: images per forward pass, coreset seed, progress bars.
     """
 
@@ -136,8 +139,8 @@ class PatchCore:
             raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
         if self.projection_dim < 1:
             raise ValueError(f"projection_dim must be at least 1, got {self.projection_dim}")
-        if self.search_backend not in BACKENDS:
-            raise ValueError(f"search_backend must be one of {', '.join(BACKENDS)}, got {self.search_backend!r}")
+        if self.search_backend not in BACKENDS + APPROXIMATE_KINDS:
+            raise ValueError(f"search_backend must be one of {', '.join(BACKENDS + APPROXIMATE_KINDS)}, got {self.search_backend!r}")
         if self.smoothing_sigma < 0:
             raise ValueError(f"smoothing_sigma must not be negative, got {self.smoothing_sigma}")
 
@@ -196,7 +199,10 @@ class PatchCore:
 
     def _set_memory_bank(self, memory_bank: np.ndarray) -> None:
         self.memory_bank_ = np.ascontiguousarray(memory_bank, dtype=np.float32)
-        self.index_ = MemoryBankIndex(self.memory_bank_, self.search_backend)
+        if self.search_backend in APPROXIMATE_KINDS:
+            self.index_ = ApproximateIndex(self.memory_bank_, self.search_backend, seed=self.seed)
+        else:
+            self.index_ = MemoryBankIndex(self.memory_bank_, self.search_backend)
 
     # -- inference --------------------------------------------------------------------------
 
