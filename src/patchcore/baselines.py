@@ -33,9 +33,8 @@ from tqdm.auto import tqdm
 
 from .backbones import DEFAULT_BACKBONE, IMAGENET_WEIGHTS, create_backbone, resolve_spec
 from .errors import NotFittedError
-from .features import PatchFeatures
-from .images import ImageSource, InputTransform, expand_sources, iterate_batches
-from .model import ErrorHandler, Prediction
+from .images import ImageSource, expand_sources, iterate_batches
+from .model import ErrorHandler, Prediction, feature_pipeline
 from .scoring import anomaly_map
 from .search import MemoryBankIndex
 
@@ -86,9 +85,9 @@ class _FeatureDetector:
         spec = resolve_spec(self.backbone, self.layers, self.feature_location)
         self.backbone_spec_ = spec
         self.backbone_ = create_backbone(spec, self.weights)
-        width = self.feature_width if self.feature_width is not None else spec.feature_width
-        self.patch_features_ = PatchFeatures(self.backbone_.channels, width, self.neighbourhood)
-        self.transform_ = InputTransform(self.resize, self.crop, spec.mean, spec.std)
+        self.patch_features_, self.transform_ = feature_pipeline(
+            spec, self.backbone_, self.feature_width, self.neighbourhood, self.resize, self.crop
+        )
 
     def _batches(self, sources: list, description: str, on_error: ErrorHandler | None):
         """Yield (batch, stage maps, patch features (B, H, W, D))."""

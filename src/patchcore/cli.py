@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import os
 import sys
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from .errors import ImageLoadError, PatchCoreError
 from .evaluate import add_evaluate_parser
 from .experiments import add_experiment_parser
 from .service import add_serve_parser
-from .images import read_image
+from .images import read_image, unique_names
 from .model import PatchCore, Prediction
 from .overlay import heat_map_overlay, side_by_side
 
@@ -121,16 +120,6 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     return 0
 
 
-def _unique_stems(names: list[str]) -> list[str]:
-    stems, seen = [], set()
-    for position, name in enumerate(names):
-        stem = Path(name).stem or f"image{position}"
-        candidate = stem if stem not in seen else f"{stem}-{position}"
-        seen.add(candidate)
-        stems.append(candidate)
-    return stems
-
-
 def write_predictions(model: PatchCore, predictions: list[Prediction], output: Path, overlays: bool = True) -> None:
     """``scores.csv`` (path, score[, is_anomalous]) and, optionally, one heat-map overlay per image.
 
@@ -151,14 +140,15 @@ def write_predictions(model: PatchCore, predictions: list[Prediction], output: P
     high = max(float(p.patch_scores.max()) for p in predictions) if not decided else 2 * model.threshold_
     folder = output / "overlays"
     folder.mkdir(exist_ok=True)
-    for prediction, stem in zip(predictions, _unique_stems([p.name for p in predictions])):
+    stems = unique_names([Path(p.name).stem or f"image{i}" for i, p in enumerate(predictions)])
+    if decided:
+        (output / "masks").mkdir(exist_ok=True)
+    for prediction, stem in zip(predictions, stems):
         image = read_image(prediction.name)
         pixel_map = prediction.anomaly_map if prediction.anomaly_map is not None else model.anomaly_map_for(prediction.patch_scores, image)
         side_by_side(image, heat_map_overlay(image, pixel_map, low, high)).save(folder / f"{stem}.png")
         if decided:
-            masks = output / "masks"
-            masks.mkdir(exist_ok=True)
-            Image.fromarray((pixel_map >= model.pixel_threshold_).astype(np.uint8) * 255).save(masks / f"{stem}.png")
+            Image.fromarray((pixel_map >= model.pixel_threshold_).astype(np.uint8) * 255).save(output / "masks" / f"{stem}.png")
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:

@@ -27,7 +27,7 @@ from scipy import ndimage
 
 from . import metrics
 from .datasets import Dataset, TestSample, load_mask, load_mvtec_category, mvtec_categories
-from .images import read_image
+from .images import read_image, unique_names
 from .model import PatchCore
 from .overlay import colourise
 
@@ -79,16 +79,6 @@ def _resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     if (mask.shape[1], mask.shape[0]) == size:
         return np.asarray(mask, dtype=bool)
     return np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(size, Image.NEAREST)) > 0
-
-
-def _unique_stems(samples: Sequence[TestSample]) -> list[str]:
-    stems, seen = [], set()
-    for position, sample in enumerate(samples):
-        stem = f"{sample.defect_type}_{Path(sample.path).stem}"
-        candidate = stem if stem not in seen else f"{stem}-{position}"
-        seen.add(candidate)
-        stems.append(candidate)
-    return stems
 
 
 # -- metrics helpers -------------------------------------------------------------------------
@@ -356,7 +346,7 @@ def _write_category_outputs(folder: Path, result: dict, samples: list[TestSample
         pixel_threshold, threshold_source = result["image_f1_threshold"], "image F1-max threshold"
     else:
         pixel_threshold, threshold_source = high, "highest score (no defective images)"
-    stems = _unique_stems(samples)
+    stems = unique_names([f"{sample.defect_type}_{Path(sample.path).stem}" for sample in samples])
     files = []
     for sample, stem, panel_map, panel_mask in zip(samples, stems, panel_maps, panel_masks):
         name = f"images/{stem}.png"

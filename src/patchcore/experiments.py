@@ -16,12 +16,11 @@ import argparse
 import csv
 import dataclasses
 import json
-import math
 import platform
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable
 
 import numpy as np
 

@@ -56,6 +56,16 @@ def source_name(source: ImageSource, position: int) -> str:
     return getattr(source, "filename", None) or f"<image {position}>"
 
 
+def unique_names(stems: list[str]) -> list[str]:
+    """File-name stems made unique by appending the position to repeats (``a``, ``a-3``)."""
+    names, seen = [], set()
+    for position, stem in enumerate(stems):
+        name = stem if stem not in seen else f"{stem}-{position}"
+        seen.add(name)
+        names.append(name)
+    return names
+
+
 def _to_uint8(array: np.ndarray) -> np.ndarray:
     """Scale integer data of more than 8 bits, or floats in [0, 1], to 8 bits."""
     if array.dtype == np.uint8:

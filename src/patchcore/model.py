@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -30,6 +31,14 @@ from .approximate_search import KINDS as APPROXIMATE_KINDS
 from .approximate_search import ApproximateIndex
 from .search import BACKENDS, MemoryBankIndex
 from .weights import load_into
+
+
+def feature_pipeline(
+    spec: BackboneSpec, backbone: Backbone, feature_width: int | None, neighbourhood: int, resize: int | None, crop: int | None
+) -> tuple[PatchFeatures, InputTransform]:
+    """The patch-feature module and the input transform for ``backbone`` (width ``None``: the spec's default)."""
+    width = feature_width if feature_width is not None else spec.feature_width
+    return PatchFeatures(backbone.channels, width, neighbourhood), InputTransform(resize, crop, spec.mean, spec.std)
 
 
 #: Receives each image that could not be read, instead of the error being raised.
@@ -122,7 +131,7 @@ class PatchCore:
 
     def get_params(self) -> dict[str, Any]:
         """The constructor's settings, as scikit-learn's ``get_params``."""
-        names = self.__init__.__code__.co_varnames[1 : self.__init__.__code__.co_argcount + self.__init__.__code__.co_kwonlyargcount]
+        names = list(inspect.signature(type(self).__init__).parameters)[1:]
         params = {name: getattr(self, name) for name in names}
         params["layers"] = list(params["layers"]) if params["layers"] is not None else None
         params["weights"] = str(params["weights"])
@@ -148,9 +157,9 @@ class PatchCore:
         """Set the fitted pieces that follow from the settings and the backbone."""
         self.backbone_spec_ = spec
         self.backbone_ = backbone
-        width = self.feature_width if self.feature_width is not None else spec.feature_width
-        self.patch_features_ = PatchFeatures(backbone.channels, width, self.neighbourhood)
-        self.transform_ = InputTransform(self.resize, self.crop, spec.mean, spec.std)
+        self.patch_features_, self.transform_ = feature_pipeline(
+            spec, backbone, self.feature_width, self.neighbourhood, self.resize, self.crop
+        )
 
     # -- fitting ----------------------------------------------------------------------------
 
