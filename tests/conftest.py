@@ -15,9 +15,12 @@ SHARED = Path(__file__).resolve().parents[2] / "shared"
 MVTEC_BOTTLE = SHARED / "data" / "mvtec" / "bottle"
 
 
-def product_image(rng: np.random.Generator, size: int = 64, defect: tuple[int, int, int] | None = None) -> np.ndarray:
-    """A woven-looking texture (the good product); ``defect`` = (row, col, side) paints a dark blotch."""
-    y, x = np.mgrid[0:size, 0:size].astype(np.float32)
+def product_image(rng: np.random.Generator, size: int | tuple[int, int] = 64,
+                  defect: tuple[int, int, int] | None = None) -> np.ndarray:
+    """A woven-looking texture (the good product), ``size`` square or (height, width); ``defect`` =
+    (row, col, side) paints a red blotch."""
+    height, width = (size, size) if isinstance(size, int) else size
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
     phase = rng.uniform(0, 2 * np.pi, size=2)
     texture = 0.5 + 0.25 * np.sin(x * 0.8 + phase[0]) * np.cos(y * 0.8 + phase[1])
     image = np.stack([texture, texture * 0.9 + 0.05, texture * 0.7 + 0.1], axis=-1)

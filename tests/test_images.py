@@ -2,10 +2,12 @@ import io
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from patchcore.errors import ImageLoadError
-from patchcore.images import InputTransform, expand_sources, iterate_batches, list_images, read_image
+from patchcore.geometry import InputTransform
+from patchcore.images import expand_sources, iterate_batches, list_images, read_image
 
 
 def test_reads_16_bit_grayscale_rgba_and_palette(tmp_path):
@@ -78,14 +80,41 @@ def test_missing_file_and_empty_folder(tmp_path):
 def test_transform_matches_the_paper_geometry():
     transform = InputTransform(256, 224, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
     image = Image.fromarray(np.full((400, 800, 3), 255, np.uint8))
-    pixels, box = transform(image)
+    pixels, placement = transform(image)
     assert pixels.shape == (3, 224, 224)
     assert float(pixels.min()) == pytest.approx(1.0)  # white -> +1 after [-1, 1] scaling
     # 400x800 -> 256x512 -> centre 224 crop: the box is 350 px square in the middle.
-    assert box.right - box.left == pytest.approx(224 * 400 / 256)
-    assert box.bottom - box.top == pytest.approx(224 * 400 / 256)
-    assert (box.left + box.right) / 2 == pytest.approx(400)
-    assert (box.top + box.bottom) / 2 == pytest.approx(200)
+    left, top, right, bottom = placement.box
+    assert right - left == pytest.approx(224 * 400 / 256)
+    assert bottom - top == pytest.approx(224 * 400 / 256)
+    assert (left + right) / 2 == pytest.approx(400)
+    assert (top + bottom) / 2 == pytest.approx(200)
+    assert not placement.covers_image
+
+
+def test_whole_image_transform_keeps_the_aspect_ratio_and_pads_to_the_stride():
+    transform = InputTransform(256, None, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), stride=16)
+    ramp = np.tile(np.linspace(0, 255, 1000).astype(np.uint8)[None, :, None], (700, 1, 3))  # 1000x700, bright right
+    pixels, placement = transform(Image.fromarray(ramp))
+    # Shorter side 700 -> 256; 1000 -> 366 px, padded to 368 (a multiple of 16) by repeating the last column.
+    assert pixels.shape == (3, 256, 368)
+    assert placement.content_size == (256, 366) and placement.input_size == (256, 368)
+    assert placement.box == (0.0, 0.0, 1000.0, 700.0) and placement.covers_image
+    assert torch.equal(pixels[:, :, 366], pixels[:, :, 365]) and torch.equal(pixels[:, :, 367], pixels[:, :, 365])
+    assert float(pixels[0, 0, 0]) < -0.9 and float(pixels[0, 0, 365]) > 0.9
+    exact = InputTransform((384, 256), None, (0.5,) * 3, (0.5,) * 3, stride=16)
+    assert exact(Image.fromarray(ramp))[0].shape == (3, 256, 384)
+    native = InputTransform(None, None, (0.5,) * 3, (0.5,) * 3, stride=32)
+    assert native(Image.fromarray(ramp))[1].input_size == (704, 1024)
+
+
+def test_batches_split_where_the_input_size_changes(tmp_path):
+    transform = InputTransform(64, None, (0.5,) * 3, (0.5,) * 3, stride=16)
+    sizes = [(64, 64), (64, 64), (128, 64), (64, 64)]  # width, height
+    images = [np.zeros((h, w, 3), np.uint8) for w, h in sizes]
+    batches = list(iterate_batches(images, transform, batch_size=4))
+    assert [tuple(b.pixels.shape) for b in batches] == [(2, 3, 64, 64), (1, 3, 64, 128), (1, 3, 64, 64)]
+    assert [name for b in batches for name in b.names] == [f"<image {i}>" for i in range(4)]
 
 
 def test_transform_rejects_inconsistent_settings():

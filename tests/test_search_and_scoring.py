@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from patchcore.images import CropBox
+from patchcore.geometry import Placement
 from patchcore.scoring import anomaly_map, reweighted_image_score
 from patchcore.search import MemoryBankIndex
 
@@ -37,15 +37,34 @@ def test_eq7_reweighting_by_hand():
 def test_anomaly_map_has_the_image_size_and_keeps_the_defect_in_place():
     grid = np.zeros((28, 28), np.float32)
     grid[7, 21] = 10.0  # top right quadrant of the crop
-    box = CropBox(50.0, 50.0, 850.0, 850.0)  # a 900x900 image seen through a centred crop
-    heat = anomaly_map(grid, (224, 224), box, (900, 900), sigma=4.0)
+    # A 900x900 image seen through a centred crop of 800x800 original pixels, 224x224 at the network.
+    placement = Placement((900, 900), (50.0, 50.0, 850.0, 850.0), (224, 224), (224, 224))
+    heat = anomaly_map(grid, placement, sigma=4.0)
     assert heat.shape == (900, 900) and heat.dtype == np.float32
     row, col = np.unravel_index(np.argmax(heat), heat.shape)
     # patch (7, 21) centre in crop pixels: (7.5 * 8, 21.5 * 8) -> image coordinates.
     assert abs(row - (50 + 60 * 800 / 224)) < 8 and abs(col - (50 + 172 * 800 / 224)) < 8
     assert heat[0, 0] == pytest.approx(heat[60, 60], abs=1e-3)  # border values extend outside the box
-    plain = anomaly_map(grid, (224, 224), CropBox(0, 0, 300, 300), (300, 300), sigma=0)
+    plain = anomaly_map(grid, Placement((300, 300), (0, 0, 300, 300), (224, 224), (224, 224)), sigma=0)
     assert plain.shape == (300, 300) and plain.max() <= 10.0
+
+
+def test_anomaly_map_of_a_padded_whole_image_input_covers_every_pixel():
+    # 1200x400 photo at shorter side 256 -> 768x256, no padding; 250x100 -> 640x256 padded to 640x256.
+    grid = np.zeros((32, 96), np.float32)
+    grid[30, 2] = 5.0  # near the bottom-left corner
+    placement = Placement((400, 1200), (0, 0, 1200, 400), (256, 768), (256, 768))
+    heat = anomaly_map(grid, placement, sigma=4.0)
+    assert heat.shape == (400, 1200)
+    row, col = np.unravel_index(np.argmax(heat), heat.shape)
+    assert abs(row - 30.5 * 8 * 400 / 256) < 8 and abs(col - 2.5 * 8 * 1200 / 768) < 8
+    # Padding is cut off before the map is fitted to the photo: a score in the padded columns
+    # does not reach the photo.
+    padded_grid = np.zeros((32, 48), np.float32)
+    padded_grid[:, 46:] = 9.0  # the last two columns lie in the padding (content is 360 px wide)
+    padded = Placement((256, 360), (0, 0, 360, 256), (256, 360), (256, 384))
+    heat = anomaly_map(padded_grid, padded, sigma=0)
+    assert heat.shape == (256, 360) and heat[:, :350].max() < 1e-6
 
 
 def test_search_rejects_an_empty_bank():

@@ -19,7 +19,8 @@ from fastapi.testclient import TestClient  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from patchcore import PatchCore  # noqa: E402
+
+from patchcore import PatchCore, persistence  # noqa: E402
 from patchcore.errors import ModelFormatError  # noqa: E402
 from patchcore.service import create_app, discover_models, read_image_bytes  # noqa: E402
 
@@ -126,7 +127,7 @@ def test_list_and_describe_models(client, model_dir):
     assert entry["backbone"] == "efficientnet_lite0"
     assert entry["memory_bank_size"] == model.memory_bank_.shape[0]
     assert entry["threshold"] is None
-    assert entry["format_version"] == 1
+    assert entry["format_version"] == persistence.FORMAT_VERSION
     assert client.get("/v1/models/tiny").json() == entry
     response = client.get("/v1/models/nope")
     assert response.status_code == 404 and "nope" in response.json()["error"]

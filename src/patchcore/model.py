@@ -25,7 +25,9 @@ from .backbones import (
 from .coreset import coreset_size, greedy_coreset
 from .errors import ImageLoadError, ModelFormatError, NotFittedError
 from .features import PatchFeatures
-from .images import CropBox, ImageSource, InputTransform, LoadedBatch, expand_sources, iterate_batches, read_image
+from .embedding import PatchEmbedder
+from .geometry import InputTransform, Placement, parse_resize
+from .images import ImageSource, LoadedBatch, expand_sources, iterate_batches
 from .scoring import anomaly_map, reweighted_image_score
 from .approximate_search import KINDS as APPROXIMATE_KINDS
 from .approximate_search import ApproximateIndex
@@ -34,12 +36,27 @@ from .weights import load_into
 
 
 def feature_pipeline(
-    spec: BackboneSpec, backbone: Backbone, feature_width: int | None, neighbourhood: int, resize: int | None, crop: int | None
-) -> tuple[PatchFeatures, InputTransform]:
-    """The patch-feature module and the input transform for ``backbone`` (width ``None``: the spec's default)."""
+    spec: BackboneSpec,
+    backbone: Backbone,
+    feature_width: int | None,
+    neighbourhood: int,
+    resize: int | tuple[int, int] | None,
+    crop: int | None,
+    tile_size: int | None = None,
+    tile_overlap: float = 0.25,
+    batch_size: int = 8,
+) -> tuple[PatchEmbedder, InputTransform]:
+    """The patch embedder and the input transform for ``backbone`` (width ``None``: the spec's default)."""
     width = feature_width if feature_width is not None else spec.feature_width
-    return PatchFeatures(backbone.channels, width, neighbourhood), InputTransform(resize, crop, spec.mean, spec.std)
+    embedder = PatchEmbedder(backbone, PatchFeatures(backbone.channels, width, neighbourhood), tile_size, tile_overlap, batch_size)
+    return embedder, InputTransform(resize, crop, spec.mean, spec.std, stride=embedder.stride)
 
+
+#: Named settings one option away (``--preset``). ``paper``: the paper's MVTec AD protocol, shorter
+#: side 256 and a centred 224x224 crop with a 10% memory bank, for figures comparable with the paper's.
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper": {"resize": 256, "crop": 224, "coreset_ratio": 0.1},
+}
 
 #: Receives each image that could not be read, instead of the error being raised.
 ErrorHandler = Callable[[ImageLoadError], None]
@@ -62,6 +79,8 @@ class Prediction:
     is_anomalous: bool | None = None
     #: Pixels whose anomaly score reaches the pixel threshold (with a threshold and a map), else ``None``.
     mask: np.ndarray | None = None
+    #: Where the network input came from in the photo (to make the map later without the photo).
+    placement: Placement | None = None
 
 
 class PatchCore:
@@ -79,7 +98,13 @@ class PatchCore:
     coreset_ratio: share of training patches kept in the memory bank, 0.001 to 1 (paper: 0.1).
     projection_dim: dimensions of the random projection used by the coreset selection (paper: 128).
     num_neighbours: ``b`` of the paper's eq. 7 re-weighting (paper: 9); ``reweight=False`` uses the plain maximum.
-    resize, crop: shorter side resized to ``resize``, then a centred ``crop`` square (paper: 256, 224).
+    resize: the photo's shorter side is resized to this many pixels (aspect ratio kept), or the photo
+        to an exact ``(width, height)``, or ``None`` keeps its own size.
+    crop: side of a centred square crop after the resize, or ``None`` (default) to inspect the whole
+        photo. The paper's protocol is ``resize=256, crop=224`` (:data:`PRESETS` ``"paper"``).
+    tile_size, tile_overlap: cut network inputs larger than ``tile_size`` pixels into overlapping
+        square tiles (sharing at least ``tile_overlap`` of a side) and stitch their patch features;
+        with ``resize=None`` this inspects large photos at their native resolution in bounded memory.
     smoothing_sigma: Gaussian smoothing of the anomaly map, in network-input pixels (paper: 4).
     weights: ``"imagenet"`` (packaged or downloaded), a local state-dict file, or ``"random"``.
     feature_location: timm feature location, e.g. ``"expansion"`` for EfficientNets (default per backbone).
@@ -99,8 +124,10 @@ class PatchCore:
         projection_dim: int = 128,
         num_neighbours: int = 9,
         reweight: bool = True,
-        resize: int | None = 256,
-        crop: int | None = 224,
+        resize: int | tuple[int, int] | None = 256,
+        crop: int | None = None,
+        tile_size: int | None = None,
+        tile_overlap: float = 0.25,
         smoothing_sigma: float = 4.0,
         weights: str | os.PathLike = IMAGENET_WEIGHTS,
         feature_location: str | None = None,
@@ -119,6 +146,8 @@ class PatchCore:
         self.reweight = reweight
         self.resize = resize
         self.crop = crop
+        self.tile_size = tile_size
+        self.tile_overlap = tile_overlap
         self.smoothing_sigma = smoothing_sigma
         self.weights = weights
         self.feature_location = feature_location
@@ -152,13 +181,15 @@ class PatchCore:
             raise ValueError(f"search_backend must be one of {', '.join(BACKENDS + APPROXIMATE_KINDS)}, got {self.search_backend!r}")
         if self.smoothing_sigma < 0:
             raise ValueError(f"smoothing_sigma must not be negative, got {self.smoothing_sigma}")
+        parse_resize(self.resize)  # raises on a bad size
 
     def _build(self, spec: BackboneSpec, backbone: Backbone) -> None:
         """Set the fitted pieces that follow from the settings and the backbone."""
         self.backbone_spec_ = spec
         self.backbone_ = backbone
-        self.patch_features_, self.transform_ = feature_pipeline(
-            spec, backbone, self.feature_width, self.neighbourhood, self.resize, self.crop
+        self.embedder_, self.transform_ = feature_pipeline(
+            spec, backbone, self.feature_width, self.neighbourhood, self.resize, self.crop,
+            self.tile_size, self.tile_overlap, self.batch_size,
         )
 
     # -- fitting ----------------------------------------------------------------------------
@@ -178,15 +209,19 @@ class PatchCore:
 
         started = time.perf_counter()
         features = None
-        filled = 0
+        filled = used_images = 0
         for batch, batch_features in self._embed_batches(sources, "features", on_error):
-            if features is None:  # allocate once: peak memory stays near the feature matrix itself
-                self.feature_grid_ = tuple(batch_features.shape[1:3])
-                patches_per_image = batch_features.shape[1] * batch_features.shape[2]
-                features = np.empty((len(sources) * patches_per_image, batch_features.shape[3]), dtype=np.float32)
             flat = batch_features.reshape(-1, batch_features.shape[-1]).numpy()
+            if features is None:  # sized from the first batch: peak memory stays near the feature matrix
+                per_image = len(flat) // len(batch.names)
+                features = np.empty((len(sources) * per_image, flat.shape[1]), dtype=np.float32)
+            if filled + len(flat) > len(features):  # photos of other sizes: grow geometrically
+                grown = np.empty((max(filled + len(flat), int(len(features) * 1.5)), flat.shape[1]), dtype=np.float32)
+                grown[:filled] = features[:filled]
+                features = grown
             features[filled : filled + len(flat)] = flat
             filled += len(flat)
+            used_images += len(batch.names)
         timings["features"] = time.perf_counter() - started
         if features is None:
             raise ValueError("no usable training images: every image was skipped")
@@ -195,7 +230,7 @@ class PatchCore:
         started = time.perf_counter()
         kept = greedy_coreset(features, self.coreset_ratio, self.projection_dim, self.seed, self.progress)
         timings["coreset"] = time.perf_counter() - started
-        self.n_training_images_ = filled // (self.feature_grid_[0] * self.feature_grid_[1])
+        self.n_training_images_ = used_images
         self.n_training_patches_ = features.shape[0]
         memory_bank = features[np.sort(kept)]
         del features
@@ -223,8 +258,7 @@ class PatchCore:
 
     def embed(self, pixels: torch.Tensor) -> torch.Tensor:
         """Patch features ``(batch, grid height, grid width, width)`` of normalised input pixels."""
-        with torch.inference_mode():
-            return self.patch_features_(self.backbone_(pixels))
+        return self.embedder_(pixels)
 
     def _embed_batches(
         self, sources: list[ImageSource], description: str, on_error: ErrorHandler | None = None
@@ -274,21 +308,19 @@ class PatchCore:
                 score = self.image_score(patch_scores, nearest, patch_features)
                 t1 = time.perf_counter()
                 grid = patch_scores.reshape(features.shape[1:3])
-                pixel_map = self._anomaly_map(grid, tuple(batch.pixels.shape[-2:]), batch.boxes[i], batch.sizes[i]) if maps else None
+                placement = batch.placements[i]
+                pixel_map = anomaly_map(grid, placement, self.smoothing_sigma) if maps else None
                 t2 = time.perf_counter()
                 timings = {"backbone": backbone_seconds, "search": t1 - t0, "map": t2 - t1}
-                yield self._decide(Prediction(name, score, pixel_map, grid, timings))
+                yield self._decide(Prediction(name, score, pixel_map, grid, timings, placement=placement))
             started = time.perf_counter()
 
-    def _anomaly_map(self, grid: np.ndarray, input_size: tuple[int, int], box: CropBox, image_size: tuple[int, int]) -> np.ndarray:
-        return anomaly_map(grid, input_size, box, image_size, self.smoothing_sigma)
-
-    def anomaly_map_for(self, patch_scores: np.ndarray, image: ImageSource) -> np.ndarray:
-        """The anomaly map of ``image`` from its patch scores (as in :class:`Prediction`), at its size."""
+    def anomaly_map_of(self, prediction: Prediction) -> np.ndarray:
+        """The anomaly map of a prediction made with ``maps=False``, over its whole photo."""
         self._check_fitted()
-        rgb = read_image(image)
-        pixels, box = self.transform_(rgb)
-        return self._anomaly_map(patch_scores, tuple(pixels.shape[-2:]), box, (rgb.height, rgb.width))
+        if prediction.placement is None:
+            raise ValueError(f"{prediction.name}: the prediction does not say where its input came from")
+        return anomaly_map(prediction.patch_scores, prediction.placement, self.smoothing_sigma)
 
     # -- decisions ----------------------------------------------------------------------------
 
@@ -333,7 +365,6 @@ class PatchCore:
             settings=self.get_params(),
             state={
                 "backbone_spec": spec,
-                "feature_grid": list(self.feature_grid_),
                 "n_training_images": self.n_training_images_,
                 "n_training_patches": self.n_training_patches_,
                 "threshold": getattr(self, "threshold_", None),
@@ -352,6 +383,8 @@ class PatchCore:
         manifest, tensors = persistence.read_model(directory)
         settings = dict(manifest["settings"])
         settings["progress"] = False
+        if isinstance(settings.get("resize"), list):  # JSON has no tuples
+            settings["resize"] = tuple(settings["resize"])
         try:
             model = cls(**settings)
             spec_fields = dict(manifest["state"]["backbone_spec"])
@@ -361,7 +394,6 @@ class PatchCore:
             backbone = build_network(spec)
             load_into(backbone.network, tensors["backbone"], f"{directory}: backbone weights")
             model._build(spec, backbone)
-            model.feature_grid_ = tuple(manifest["state"]["feature_grid"])
             model.n_training_images_ = manifest["state"]["n_training_images"]
             model.n_training_patches_ = manifest["state"]["n_training_patches"]
             model._set_memory_bank(tensors["memory_bank"]["memory_bank"].numpy())

@@ -28,7 +28,9 @@ from safetensors.torch import load_file, save_file
 from .errors import ModelFormatError
 
 FORMAT_NAME = "patchcore-model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: Versions this code reads: 1 (before whole-image geometry; its settings name resize and crop explicitly).
+READABLE_VERSIONS = (1, 2)
 MANIFEST = "patchcore.json"
 
 
@@ -112,10 +114,10 @@ def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise ModelFormatError(f"{path}: not a patchcore model manifest")
     version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         raise ModelFormatError(
             f"{path}: model format version {version!r} is not supported by this patchcore "
-            f"(supports version {FORMAT_VERSION}); save the model again with a matching patchcore"
+            f"(supports versions {', '.join(map(str, READABLE_VERSIONS))}); save the model again with a matching patchcore"
         )
     for key in ("settings", "state", "files"):
         if not isinstance(manifest.get(key), dict):

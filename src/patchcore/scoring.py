@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
-from .images import CropBox
+from .geometry import Placement
 from .search import MemoryBankIndex
 
 
@@ -41,30 +41,31 @@ def reweighted_image_score(
     return weight * best_score
 
 
-def anomaly_map(
-    patch_scores: np.ndarray,
-    input_size: tuple[int, int],
-    box: CropBox,
-    image_size: tuple[int, int],
-    sigma: float = 4.0,
-) -> np.ndarray:
-    """Patch-score grid -> anomaly map of ``image_size`` (height, width), float32.
+def anomaly_map(patch_scores: np.ndarray, placement: Placement, sigma: float = 4.0) -> np.ndarray:
+    """Patch-score grid -> anomaly map over every pixel of the original photo, float32 (height, width).
 
-    As the paper: bilinear upsampling to the network input (``input_size``), Gaussian smoothing
-    with ``sigma`` input pixels; then the input is mapped back onto the region ``box`` of the
-    original image it was cut from (bilinear, to the nearest whole pixel), and outside that region
-    the border values extend (the network did not see it).
+    As the paper: bilinear upsampling to the network input and Gaussian smoothing with ``sigma``
+    input pixels, both at network resolution; then the padding is cut off and the result resized
+    once, bilinearly, onto the region of the photo the input showed. Outside that region (only
+    with a centre crop) the border values extend: the network did not see it.
     """
     grid = torch.from_numpy(np.ascontiguousarray(patch_scores, dtype=np.float32))[None, None]
-    upsampled = F.interpolate(grid, size=input_size, mode="bilinear", align_corners=False)[0, 0].numpy()
+    upsampled = F.interpolate(grid, size=placement.input_size, mode="bilinear", align_corners=False)[0, 0].numpy()
     smoothed = gaussian_filter(upsampled, sigma=sigma) if sigma > 0 else upsampled
-    height, width = image_size
+    content_height, content_width = placement.content_size
+    smoothed = smoothed[:content_height, :content_width]
+    height, width = placement.image_size
     # The box in whole original pixels (at most half a pixel off), clipped to the image.
-    left, right = max(0, round(box.left)), min(width, max(round(box.right), round(box.left) + 1))
-    top, bottom = max(0, round(box.top)), min(height, max(round(box.bottom), round(box.top) + 1))
-    inside = F.interpolate(
-        torch.from_numpy(np.ascontiguousarray(smoothed))[None, None], size=(bottom - top, right - left), mode="bilinear", align_corners=False
-    )[0, 0].numpy()
+    box_left, box_top, box_right, box_bottom = placement.box
+    left, right = max(0, round(box_left)), min(width, max(round(box_right), round(box_left) + 1))
+    top, bottom = max(0, round(box_top)), min(height, max(round(box_bottom), round(box_top) + 1))
+    if (bottom - top, right - left) == smoothed.shape:
+        inside = np.ascontiguousarray(smoothed)
+    else:
+        inside = F.interpolate(
+            torch.from_numpy(np.ascontiguousarray(smoothed))[None, None], size=(bottom - top, right - left),
+            mode="bilinear", align_corners=False,
+        )[0, 0].numpy()
     if (top, left, bottom, right) == (0, 0, height, width):
         return inside
     return np.pad(inside, ((top, height - bottom), (left, width - right)), mode="edge")

@@ -36,7 +36,10 @@ class MemoryBankIndex:
             self._faiss = faiss.IndexFlatL2(self.memory_bank.shape[1])
             self._faiss.add(self.memory_bank)
         else:
-            bank = torch.from_numpy(self.memory_bank)
+            # Centred on the bank's mean: distances are unchanged, but |q|^2 and |b|^2 shrink to the
+            # scale of the distances themselves, so the expanded form below keeps its precision.
+            self._centre = torch.from_numpy(self.memory_bank.mean(axis=0, dtype=np.float64).astype(np.float32))
+            bank = torch.from_numpy(self.memory_bank) - self._centre
             self._bank_t = bank.T.contiguous()  # (D, N): each block is a contiguous column slice
             self._bank_norms = (bank * bank).sum(dim=1)
 
@@ -51,7 +54,7 @@ class MemoryBankIndex:
         if self.backend == "faiss":
             squared, indices = self._faiss.search(queries, k)
             return np.sqrt(np.maximum(squared, 0.0)), indices
-        return self._torch_search(torch.from_numpy(queries), k)
+        return self._torch_search(torch.from_numpy(queries) - self._centre, k)
 
     def _torch_search(self, queries: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
         best_values = best_indices = None
