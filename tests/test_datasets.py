@@ -13,6 +13,7 @@ from patchcore.datasets import (
     TestSample,
     check_image_file,
     load_folder_dataset,
+    load_folder_layout,
     load_mask,
     load_mvtec_category,
     mvtec_categories,
@@ -316,3 +317,49 @@ def test_real_mvtec_bottle():
     defective = next(s for s in data.test if s.label)
     mask = load_mask(defective)
     assert mask.shape == (900, 900) and 0 < mask.sum() < mask.size
+
+
+# --- plain folder layout (good/ + one folder per defect type) --------------------------------
+
+
+def make_layout(root: Path, with_train: bool = True) -> Path:
+    for i in range(5):
+        save(root / "good" / f"g{i}.png", rgb())
+    if with_train:
+        for i in range(3):
+            save(root / "train" / f"t{i}.png", rgb())
+    save(root / "scratch" / "s0.png", rgb())
+    save(root / "scratch" / "s1.png", rgb())
+    save(root / "spot" / "p0.jpg", rgb())
+    save(root / "masks" / "scratch" / "s0.png", mask_array(255))
+    save(root / "masks" / "scratch" / "s1_mask.png", mask_array(255))
+    save(root / "masks" / "p0.png", mask_array(1))  # flat beside the per-type folders
+    return root
+
+
+def test_folder_layout_finds_defect_types_masks_and_training_images(tmp_path):
+    root = make_layout(tmp_path / "parts")
+    data = load_folder_layout(root)
+    assert data.name == "parts" and [p.name for p in data.train] == ["t0.png", "t1.png", "t2.png"]
+    summary = [(s.path.name, s.label, s.defect_type, s.mask_path and s.mask_path.name) for s in data.test]
+    assert summary == [("g0.png", 0, "good", None), ("g1.png", 0, "good", None), ("g2.png", 0, "good", None),
+                       ("g3.png", 0, "good", None), ("g4.png", 0, "good", None),
+                       ("s0.png", 1, "scratch", "s0.png"), ("s1.png", 1, "scratch", "s1_mask.png"),
+                       ("p0.jpg", 1, "spot", "p0.png")]
+    assert data.has_masks
+
+
+def test_folder_layout_without_training_images_holds_out_a_seeded_share_of_good(tmp_path):
+    root = make_layout(tmp_path / "parts", with_train=False)
+    data = load_folder_layout(root, test_share=0.4, seed=1)
+    held_out = [s.path.name for s in data.test if s.label == 0]
+    assert len(held_out) == 2 and len(data.train) == 3
+    assert sorted(held_out + [p.name for p in data.train]) == [f"g{i}.png" for i in range(5)]
+    assert held_out == [s.path.name for s in load_folder_layout(root, test_share=0.4, seed=1).test if s.label == 0]
+    with pytest.raises(ImageLoadError, match="holds no defect folders"):
+        load_folder_layout(_only_good(tmp_path / "g"))
+
+
+def _only_good(root: Path) -> Path:
+    save(root / "good" / "a.png", rgb())
+    return root

@@ -135,3 +135,42 @@ def test_pro_area_matches_metrics_aupro():
     maps = [rng.random((20, 20)).astype(np.float32) + m * 0.5 for m in masks]
     fpr, pro = metrics.pro_curve_points(masks, maps)
     assert metrics.area_under_pro(fpr, pro, 0.3) == pytest.approx(metrics.aupro(masks, maps))
+
+
+def test_evaluate_reads_a_plain_folder_layout_with_per_defect_aurocs(tmp_path, capsys):
+    from patchcore.cli import main
+
+    rng = np.random.default_rng(5)
+    root = tmp_path / "parts"
+    shape = (48, 96)  # non-square: pixel metrics must cover every pixel of the photo
+    for i in range(10):
+        (root / "train").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(product_image(rng, shape)).save(root / "train" / f"t{i}.png")
+    (root / "good").mkdir()
+    for i in range(3):
+        Image.fromarray(product_image(rng, shape)).save(root / "good" / f"g{i}.png")
+    # "blotch" is obvious; "faint" is the same texture with a slightly darker square: harder.
+    for defect, (row, col) in (("blotch", (10, 70)), ("faint", (20, 5))):
+        (root / defect).mkdir()
+        (root / "masks" / defect).mkdir(parents=True)
+        for i in range(3):
+            image = product_image(rng, shape, defect=(row, col, 12) if defect == "blotch" else None)
+            if defect == "faint":
+                image[row : row + 12, col : col + 12] = (image[row : row + 12, col : col + 12] * 0.8).astype(np.uint8)
+            Image.fromarray(image).save(root / defect / f"{defect}{i}.png")
+            mask = np.zeros(shape, np.uint8)
+            mask[row : row + 12, col : col + 12] = 255
+            Image.fromarray(mask).save(root / "masks" / defect / f"{defect}{i}.png")
+    out = tmp_path / "out"
+    assert main(["evaluate", str(root), "-o", str(out), "--resize", "48", "--coreset-ratio", "0.25"]) == 0
+    table = capsys.readouterr().out
+    row = json.loads((out / "parts" / "metrics.json").read_text())
+    assert row["n_train"] == 10 and row["n_test_good"] == 3 and row["n_test_defective"] == 6
+    assert set(row["defect_image_auroc"]) == {"blotch", "faint"}
+    assert row["defect_image_auroc"]["blotch"] == 1.0
+    # The overall AUROC is the pooled ranking; each type's is its own against the same good images.
+    assert row["image_auroc"] == pytest.approx(np.mean(list(row["defect_image_auroc"].values())))
+    assert row["pixel_auroc"] is not None and row["pixel_eval_size"] == "full"
+    assert re.search(r"parts\s+blotch\s+100\.0", table) and re.search(r"parts\s+faint\s+\d+\.\d", table)
+    report = (out / "parts" / "report.html").read_text()
+    assert "Image AUROC per defect type" in report and "faint" in report

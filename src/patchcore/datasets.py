@@ -242,6 +242,75 @@ def load_folder_dataset(
     return Dataset(name or train_folder.name, train, test, bad.skipped)
 
 
+#: Folder names in a plain layout that hold masks or training images, not a defect type.
+_NOT_DEFECTS = frozenset({"good", "masks", "ground_truth", "train"})
+
+
+def load_folder_layout(
+    root: str | os.PathLike,
+    train: str | os.PathLike | None = None,
+    masks: str | os.PathLike | None = None,
+    test_share: float = 0.2,
+    seed: int = 0,
+    skip_bad: bool = False,
+) -> Dataset:
+    """A data set in a plain folder layout: ``root/good/`` and one folder per defect type.
+
+    Training images come from ``train``, else ``root/train/``, else a seeded split of ``good/``
+    (``test_share`` of the good images are held out for testing, the rest fit the model). Masks are
+    optional: ``masks``, else ``root/masks/`` or ``root/ground_truth/``, holding ``<stem>.<ext>`` or
+    ``<stem>_mask.<ext>`` either directly or in a sub-folder per defect type. Bad files are handled
+    as in :func:`load_mvtec_category`.
+    """
+    root = Path(root)
+    _require_folder(root, "data set folder")
+    _require_folder(root / "good", "good/ folder (good images)")
+    defect_folders = sorted(p for p in root.iterdir() if p.is_dir() and p.name not in _NOT_DEFECTS)
+    if not defect_folders:
+        raise ImageLoadError(str(root), "holds no defect folders beside good/ (one folder per defect type)")
+    if masks is None:
+        masks = next((root / name for name in ("masks", "ground_truth") if (root / name).is_dir()), None)
+    elif not Path(masks).is_dir():
+        _require_folder(Path(masks), "mask folder")
+    bad = _BadFiles(skip_bad)
+    good = [path for path, _ in _checked_images(root / "good", bad)]
+    _require_images(good, root / "good")
+    train_folder = Path(train) if train is not None else (root / "train" if (root / "train").is_dir() else None)
+    if train_folder is not None:
+        train_images = [path for path, _ in _checked_images(train_folder, bad)]
+        _require_images(train_images, train_folder)
+        test_good = good
+    else:
+        if not 0.0 < test_share < 1.0 or len(good) < 2:
+            raise ImageLoadError(str(root / "good"), f"needs at least 2 images and 0 < test_share < 1 to hold some out "
+                                                     f"for testing (got {len(good)} images, test_share {test_share}); "
+                                                     "or give the training images with --train")
+        held_out = max(1, int(round(test_share * len(good))))
+        order = np.random.default_rng(seed).permutation(len(good))
+        test_good = sorted(good[i] for i in order[:held_out])
+        train_images = sorted(good[i] for i in order[held_out:])
+    test = [TestSample(path, 0, "good") for path in test_good]
+    flat_masks = _mask_index(Path(masks)) if masks is not None else {}
+    unmasked = []
+    for folder in defect_folders:
+        index = {**flat_masks, **_mask_index(Path(masks) / folder.name)} if masks is not None else {}
+        for path, size in _checked_images(folder, bad):
+            try:
+                mask = _find_mask(index, path, [path.stem, f"{path.stem}_mask"])
+                if mask is not None:
+                    _check_mask_size(path, size, mask)
+            except ImageLoadError as error:
+                bad.report(path, error)
+                continue
+            if mask is None:
+                unmasked.append(path.name)
+            test.append(TestSample(path, 1, folder.name, mask))
+    if masks is not None and unmasked:
+        warnings.warn(f"{len(unmasked)} defective image(s) have no mask in {masks} (e.g. {unmasked[0]}); "
+                      "pixel metrics will be skipped", stacklevel=2)
+    return Dataset(root.resolve().name, train_images, test, bad.skipped)
+
+
 def _read_mask_array(path: Path) -> np.ndarray:
     """A mask file as a 2-D bool array: any non-zero colour value is anomalous (alpha is ignored)."""
     try:

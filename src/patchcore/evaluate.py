@@ -26,7 +26,7 @@ from PIL import Image
 from scipy import ndimage
 
 from . import metrics
-from .datasets import Dataset, TestSample, load_mask, load_mvtec_category, mvtec_categories
+from .datasets import Dataset, TestSample, load_folder_layout, load_mask, load_mvtec_category, mvtec_categories
 from .images import read_image, unique_names
 from .model import PatchCore
 from .overlay import colourise
@@ -152,6 +152,24 @@ def mean_row(rows: Sequence[dict]) -> dict:
 # -- one data set ----------------------------------------------------------------------------
 
 
+def defect_aurocs(samples: Sequence[TestSample], scores: np.ndarray) -> dict[str, float]:
+    """Image AUROC of each defect type against the good test images (types in name order)."""
+    good = [score for sample, score in zip(samples, scores) if sample.label == 0]
+    result = {}
+    if not good:
+        return result
+    for defect in sorted({sample.defect_type for sample in samples if sample.label == 1}):
+        bad = [score for sample, score in zip(samples, scores) if sample.label == 1 and sample.defect_type == defect]
+        result[defect] = metrics.image_auroc([0] * len(good) + [1] * len(bad), np.r_[good, bad])
+    return result
+
+
+def _bank_size(model) -> int:
+    """Vectors the model keeps: its memory bank's rows, or the sum over an ensemble's members."""
+    size = getattr(model, "memory_bank_size_", None)
+    return int(size if size is not None else model.memory_bank_.shape[0])
+
+
 def evaluate_dataset(model: PatchCore, dataset: Dataset, output: Path | None, eval_size: int | None = None) -> dict:
     """Fit ``model`` on ``dataset.train``, score ``dataset.test`` and compute the metrics.
 
@@ -212,7 +230,7 @@ def evaluate_dataset(model: PatchCore, dataset: Dataset, output: Path | None, ev
         "aupro": None,
         "fit_seconds": fit_seconds,
         "ms_per_image": 1000.0 * predict_seconds / len(samples),
-        "memory_bank_size": int(model.memory_bank_.shape[0]),
+        "memory_bank_size": _bank_size(model),
         "backbone": str(model.backbone),
         "coreset_ratio": float(model.coreset_ratio),
         "pixel_eval_size": ("full" if eval_size is None else int(eval_size)) if with_masks else None,
@@ -223,9 +241,10 @@ def evaluate_dataset(model: PatchCore, dataset: Dataset, output: Path | None, ev
         "n_train": len(dataset.train),
         "n_test_good": int((labels == 0).sum()),
         "n_test_defective": int((labels == 1).sum()),
-        "feature_dim": int(model.memory_bank_.shape[1]),
+        "feature_dim": int(model.memory_bank_.shape[1]) if hasattr(model, "memory_bank_") else None,
         "fit_timings": {k: float(v) for k, v in getattr(model, "fit_timings_", {}).items()},
     }
+    result["defect_image_auroc"] = defect_aurocs(samples, scores)
     if labels.any():
         result["image_f1_max"], result["image_f1_threshold"] = metrics.f1_max(labels, scores)
     curves: dict[str, Any] = {}
@@ -383,12 +402,24 @@ def _fmt(value: Any, percent: bool = False) -> str:
     return html.escape(str(value))
 
 
+def _defect_section(result: dict) -> str:
+    aurocs = result.get("defect_image_auroc") or {}
+    if not aurocs:
+        return ""
+    rows = "".join(f"<tr><td>{html.escape(defect)}</td><td class='num'>{_fmt(value, True)} %</td></tr>"
+                   for defect, value in aurocs.items())
+    return ("<h2>Image AUROC per defect type</h2><p class='sub'>Each defect type against the good test images.</p>"
+            f"<table><tr><th>defect type</th><th>image AUROC</th></tr>{rows}</table>")
+
+
 def _report_html(result: dict, samples: list[TestSample], scores: np.ndarray, files: list[str],
                  curve_files: dict[str, str], threshold_source: str) -> str:
     esc = html.escape
     percent_keys = {"image_auroc", "pixel_auroc", "aupro", "image_f1_max", "pixel_f1_max"}
     rows = []
     for key, value in result.items():
+        if key == "defect_image_auroc":
+            continue
         if key == "fit_timings":
             value = ", ".join(f"{k} {v:.2f}s" for k, v in value.items())
         shown = _fmt(value, key in percent_keys) + (" %" if key in percent_keys and value is not None else "")
@@ -426,6 +457,7 @@ def _report_html(result: dict, samples: list[TestSample], scores: np.ndarray, fi
 pixel metrics at {esc(str(result['pixel_eval_size'] or 'n/a'))} resolution</p>
 <h2>Metrics</h2>
 <table>{''.join(rows)}</table>
+{_defect_section(result)}
 <h2>Curves</h2>
 <div class="curves"><img src="{esc(curve_files['roc'])}" alt="ROC curve"><img src="{esc(curve_files['pro'])}" alt="PRO curve"></div>
 <h2>Overlays</h2>
@@ -470,32 +502,45 @@ def evaluate_categories(
 ) -> list[dict]:
     """Evaluate each MVTec category under ``root`` (all of them when ``categories`` is None).
 
-    ``settings_factory()`` gives a fresh :class:`PatchCore` (or a dict of its settings) per category.
-    A category that fails is reported to stderr and recorded as a row with an ``error`` key; the
-    others still run. After each category ``metrics.json`` (rows + mean) and ``metrics.csv`` are
-    rewritten in ``output``. Returns the rows (without the mean row).
+    See :func:`evaluate_datasets`; returns the rows (without the mean row).
     """
     root = Path(root)
     names = list(categories) if categories else mvtec_categories(root)
+    loaders = [(name, lambda name=name: load_mvtec_category(root, name)) for name in names]
+    return evaluate_datasets(loaders, settings_factory, output, eval_size, progress)
+
+
+def evaluate_datasets(
+    loaders: Sequence[tuple[str, Callable[[], Dataset]]],
+    settings_factory: Callable[[], PatchCore | dict],
+    output: str | Path | None,
+    eval_size: int | None = None,
+    progress: bool = True,
+) -> list[dict]:
+    """Evaluate each ``(name, load)`` data set with a fresh model from ``settings_factory()``.
+
+    ``settings_factory()`` gives a fresh :class:`PatchCore` (or a dict of its settings) per data set.
+    One that fails is reported to stderr and recorded as a row with an ``error`` key; the others
+    still run. After each, ``metrics.json`` (rows + mean) and ``metrics.csv`` are rewritten in
+    ``output``. Returns the rows (without the mean row).
+    """
     output = Path(output) if output is not None else None
     rows: list[dict] = []
-    for number, category in enumerate(names, 1):
+    for number, (category, load) in enumerate(loaders, 1):
         started = time.perf_counter()
         if progress:
-            _log(f"[{number}/{len(names)}] {category}: evaluating")
+            _log(f"[{number}/{len(loaders)}] {category}: evaluating")
         try:
             made = settings_factory()
             model = PatchCore(**made) if isinstance(made, dict) else made
-            dataset = load_mvtec_category(root, category)
+            dataset = load()
             row = evaluate_dataset(model, dataset, output, eval_size)
             if progress:
-                _log(f"[{number}/{len(names)}] {category}: image AUROC {_pct(row['image_auroc'])}, pixel AUROC "
+                _log(f"[{number}/{len(loaders)}] {category}: image AUROC {_pct(row['image_auroc'])}, pixel AUROC "
                      f"{_pct(row['pixel_auroc'])}, AUPRO {_pct(row['aupro'])} ({time.perf_counter() - started:.1f}s)")
-        except Exception as error:  # one bad category must not stop the others
+        except Exception as error:  # one bad data set must not stop the others
             message = f"{type(error).__name__}: {error}"
-            _log(f"error: category {category} failed: {message}")
-            if progress:
-                _log("".join(traceback.format_exception_only(type(error), error)).rstrip())
+            _log(f"error: {category} failed: {message}")
             row = {key: None for key in KEYS}
             row["category"] = category
             row["error"] = message
@@ -547,7 +592,21 @@ def format_table(rows: Sequence[dict]) -> str:
         return "  ".join([f"{line[0]:<{widths[0]}}"] + [f"{c:>{w}}" for c, w in zip(line[1:], widths[1:])])
 
     rule = "-" * len(render(list(header)))
-    return "\n".join([render(list(header)), rule, *(render(line) for line in table), rule, render(mean_cells)])
+    lines = [render(list(header)), rule, *(render(line) for line in table), rule, render(mean_cells)]
+    return "\n".join(lines + format_defect_table(body))
+
+
+def format_defect_table(rows: Sequence[dict]) -> list[str]:
+    """Lines of image AUROC per defect type (each against the good test images), or none."""
+    entries = [(str(row["category"]), defect, auroc) for row in rows
+               for defect, auroc in (row.get("defect_image_auroc") or {}).items()]
+    if not entries:
+        return []
+    width = max(len("category"), *(len(c) for c, _, _ in entries))
+    defect_width = max(len("defect type"), *(len(d) for _, d, _ in entries))
+    lines = ["", f"{'category':<{width}}  {'defect type':<{defect_width}}  image AUROC"]
+    lines += [f"{c:<{width}}  {d:<{defect_width}}  {_pct(a):>11}" for c, d, a in entries]
+    return lines
 
 
 # -- command line ----------------------------------------------------------------------------
@@ -571,7 +630,16 @@ def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
                     "pixel AUROC, AUPRO, fit time, inference time and memory-bank size. Writes metrics.json, "
                     "metrics.csv and per category overlays, ROC/PRO curves and report.html.",
     )
-    parser.add_argument("root", metavar="ROOT", help="MVTec AD root folder, or one category folder (with train/good)")
+    parser.add_argument("root", metavar="ROOT",
+                        help="MVTec AD root folder, one category folder (with train/good), or a plain folder layout: "
+                             "ROOT/good/ and one folder per defect type (masks optional, see --masks)")
+    parser.add_argument("--train", default=None, metavar="DIR",
+                        help="plain layout: the good training images (default: ROOT/train/, else a seeded split of ROOT/good/)")
+    parser.add_argument("--masks", default=None, metavar="DIR",
+                        help="plain layout: masks named <stem>.png or <stem>_mask.png, flat or in a folder per defect "
+                             "type (default: ROOT/masks/ or ROOT/ground_truth/ when present)")
+    parser.add_argument("--test-share", type=float, default=0.2,
+                        help="plain layout without training images: share of ROOT/good/ held out for testing (default: 0.2)")
     parser.add_argument("--category", dest="categories", action="extend", nargs="+", default=None, metavar="C",
                         help="categories to evaluate (default: every category under ROOT)")
     parser.add_argument("-o", "--output", required=True, metavar="OUT", help="folder for metrics and reports")
@@ -581,6 +649,12 @@ def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
     add_model_options(parser)
     parser.set_defaults(handler=run_evaluate)
     return parser
+
+
+def is_plain_layout(root: str | Path) -> bool:
+    """A plain folder layout: ``good/`` beside defect folders, not an MVTec category (``train/good``)."""
+    root = Path(root)
+    return (root / "good").is_dir() and not (root / "train" / "good").is_dir()
 
 
 def resolve_root(root: str | Path, categories: Sequence[str] | None) -> tuple[Path, list[str] | None]:
@@ -598,11 +672,16 @@ def run_evaluate(args: argparse.Namespace) -> int:
     """Handler of ``patchcore evaluate``: 0 when every category was evaluated, 1 when any failed."""
     from .cli import model_from_args
 
-    root, categories = resolve_root(args.root, args.categories)
-    if categories is None:
-        categories = mvtec_categories(root)
-    rows = evaluate_categories(root, categories, lambda: model_from_args(args), Path(args.output),
-                               eval_size=args.eval_size, progress=True)
+    if is_plain_layout(args.root):
+        root = Path(args.root)
+        loaders = [(root.resolve().name, lambda: load_folder_layout(root, args.train, args.masks, args.test_share))]
+        rows = evaluate_datasets(loaders, lambda: model_from_args(args), Path(args.output), eval_size=args.eval_size)
+    else:
+        root, categories = resolve_root(args.root, args.categories)
+        if categories is None:
+            categories = mvtec_categories(root)
+        rows = evaluate_categories(root, categories, lambda: model_from_args(args), Path(args.output),
+                                   eval_size=args.eval_size, progress=True)
     if args.json:
         print(json.dumps([_public(row) for row in rows] + [mean_row(rows)], indent=2, default=_json_default))
     else:

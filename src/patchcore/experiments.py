@@ -28,11 +28,14 @@ from .baselines import METHODS, create_detector
 from .coreset import coreset_size, greedy_coreset
 from .datasets import Dataset, load_mvtec_category
 from .errors import WeightsUnavailableError
+from .ensemble import PatchCoreEnsemble
 from .evaluate import evaluate_dataset, resolve_root
+from .geometry import parse_resize
 from .model import PatchCore
 from .search import MemoryBankIndex
 
-EXPERIMENTS = ("coreset", "layers", "backbones", "speed", "shots")
+EXPERIMENTS = ("coreset", "layers", "backbones", "speed", "shots", "resolution")
+GEOMETRIES = ("whole", "crop", "tiled")
 SUBSAMPLINGS = ("greedy", "random")
 INDEXES = ("exact", "hnsw", "ivfpq")
 #: Coverage radius (largest distance of a training patch to the bank) is measured for a cell
@@ -201,6 +204,7 @@ METRIC_COLUMNS = ("image_auroc", "pixel_auroc", "aupro", "fit_seconds", "ms_per_
 def _result_row(cell: dict, result: dict, model) -> dict:
     row = {"cell": cell, **{key: result.get(key) for key in (*METRIC_COLUMNS, "pixel_eval_size", "n_train", "feature_dim")}}
     row["fit_timings"] = result.get("fit_timings")
+    row["defect_image_auroc"] = result.get("defect_image_auroc")
     n = max(getattr(model, "n_predicted_", 0), 1)
     for key, value in getattr(model, "predict_timings_", {}).items():
         row[f"ms_{key}"] = 1000.0 * value / n
@@ -545,8 +549,43 @@ def build_spec(name: str, args: argparse.Namespace, base: dict) -> Spec:
                     notes=[f"Backbone {base['backbone']}; p = neighbourhood size (tried with the default layers {default_layers}).", ""])
     if name == "backbones":
         cells = [{"backbone": b} for b in _names(args.backbones)]
-        return Spec(name, cells, lambda c: patchcore(backbone=c["backbone"]), ["backbone"], _plot_bars("backbones"),
-                    notes=["Backbones whose weights are unavailable are listed as skipped.", ""])
+
+        def make(c):
+            if "+" not in c["backbone"]:
+                return patchcore(backbone=c["backbone"])
+            members = {key: value for key, value in base.items() if key not in ("backbone", "progress")}
+            return _TimedDetector(PatchCoreEnsemble(c["backbone"].split("+"), members))
+
+        return Spec(name, cells, make, ["backbone"], _plot_bars("backbones"),
+                    notes=["Backbones whose weights are unavailable are listed as skipped. a+b+c = an ensemble: one "
+                           "memory bank per backbone, patch scores standardised on each member's good training "
+                           "patches, then averaged.", ""])
+    if name == "resolution":
+        cells = []
+        for size in _names(args.sizes):
+            resize = parse_resize(size)
+            for geometry in _names(args.geometries):
+                if geometry not in GEOMETRIES:
+                    raise ValueError(f"unknown geometry {geometry!r}: use {', '.join(GEOMETRIES)}")
+                if geometry == "crop" and not isinstance(resize, int):
+                    continue  # a centre crop is defined relative to a shorter side
+                if geometry == "tiled" and isinstance(resize, int) and resize <= args.tile:
+                    continue  # the whole input fits in one tile: the same as "whole"
+                cells.append({"resize": size, "geometry": geometry})
+
+        def make(c):
+            resize = parse_resize(c["resize"])
+            if c["geometry"] == "crop":
+                return patchcore(resize=resize, crop=int(round(resize * 224 / 256)), tile_size=None)
+            if c["geometry"] == "tiled":
+                return patchcore(resize=resize, crop=None, tile_size=args.tile, tile_overlap=args.tile_overlap_share)
+            return patchcore(resize=resize, crop=None, tile_size=None)
+
+        return Spec(name, cells, make, ["resize", "geometry"], _plot_bars("input size and geometry"),
+                    notes=["resize = shorter side of the network input (none = the photo's own size). whole = the "
+                           "whole photo, aspect ratio kept; crop = centred square of 224/256 of the shorter side (the "
+                           f"paper's protocol at 256); tiled = whole photo cut into {args.tile} px tiles overlapping "
+                           f"{args.tile_overlap_share:g} of a side, stitched. Pixel metrics over every pixel of the photo.", ""])
     if name == "speed":
         cells = [{"ratio": r, "index": i} for r in _floats(args.ratios) for i in _names(args.indexes)]
         for c in cells:
@@ -648,6 +687,12 @@ def add_experiment_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--shots", default="1,2,5,10,16,20,50", help="shots: numbers of training images")
     parser.add_argument("--seeds", type=int, default=3, help="shots: seeds per number of shots")
     parser.add_argument("--methods", default="patchcore,spade,padim", help="methods: detectors to compare")
+    parser.add_argument("--sizes", default="224,256,320,384,448,none",
+                        help="resolution: shorter sides of the network input ('none' = the photo's own size)")
+    parser.add_argument("--geometries", default="whole,crop,tiled", help="resolution: whole, crop and/or tiled")
+    parser.add_argument("--tile", type=int, default=256, help="resolution: tile side in pixels for 'tiled' (default: 256)")
+    parser.add_argument("--tile-overlap-share", dest="tile_overlap_share", type=float, default=0.25,
+                        help="resolution: share of a tile's side that neighbours overlap (default: 0.25)")
     add_model_options(parser)
     parser.set_defaults(handler=run_experiment_command)
     return parser

@@ -52,6 +52,9 @@ def feature_pipeline(
     return embedder, InputTransform(resize, crop, spec.mean, spec.std, stride=embedder.stride)
 
 
+#: Training patches drawn (seeded) to measure the scale of normal patch scores after fitting.
+REFERENCE_PATCHES = 10_000
+
 #: Named settings one option away (``--preset``). ``paper``: the paper's MVTec AD protocol, shorter
 #: side 256 and a centred 224x224 crop with a 10% memory bank, for figures comparable with the paper's.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -233,11 +236,17 @@ class PatchCore:
         self.n_training_images_ = used_images
         self.n_training_patches_ = features.shape[0]
         memory_bank = features[np.sort(kept)]
+        rng = np.random.default_rng(self.seed)
+        reference = features[np.sort(rng.choice(len(features), min(len(features), REFERENCE_PATCHES), replace=False))]
         del features
 
         started = time.perf_counter()
         self._set_memory_bank(memory_bank)
         timings["index"] = time.perf_counter() - started
+        # Patch scores of good training patches: the scale of "normal", for comparing models.
+        reference_scores = self.score_patches(reference)[0]
+        self.normal_patch_score_mean_ = float(reference_scores.mean())
+        self.normal_patch_score_std_ = float(max(reference_scores.std(), 1e-12))
         self.fit_timings_ = timings
         return self
 
@@ -367,6 +376,8 @@ class PatchCore:
                 "backbone_spec": spec,
                 "n_training_images": self.n_training_images_,
                 "n_training_patches": self.n_training_patches_,
+                "normal_patch_score_mean": self.normal_patch_score_mean_,
+                "normal_patch_score_std": self.normal_patch_score_std_,
                 "threshold": getattr(self, "threshold_", None),
                 "pixel_threshold": getattr(self, "pixel_threshold_", None),
                 "threshold_source": getattr(self, "threshold_source_", None),
@@ -396,6 +407,9 @@ class PatchCore:
             model._build(spec, backbone)
             model.n_training_images_ = manifest["state"]["n_training_images"]
             model.n_training_patches_ = manifest["state"]["n_training_patches"]
+            # Models saved before these were measured (format 1) compare as unscaled.
+            model.normal_patch_score_mean_ = float(manifest["state"].get("normal_patch_score_mean", 0.0))
+            model.normal_patch_score_std_ = float(manifest["state"].get("normal_patch_score_std", 1.0))
             model._set_memory_bank(tensors["memory_bank"]["memory_bank"].numpy())
             state = manifest["state"]
             if state.get("threshold") is not None:
