@@ -20,6 +20,12 @@ from tqdm.auto import tqdm
 
 MIN_RATIO = 0.001
 MAX_RATIO = 1.0
+#: Up to this many training patches the coreset is the paper's greedy selection over all of them.
+EXACT_LIMIT = 250_000
+#: Above it, greedy runs per chunk of this many patches, keeping OVERSAMPLING times the chunk's
+#: share, then once more over the union of the chunks' picks.
+CHUNK_SIZE = 100_000
+OVERSAMPLING = 2.0
 
 
 def coreset_size(n_points: int, ratio: float) -> int:
@@ -48,17 +54,40 @@ def greedy_coreset(
     projection_dim: int = 128,
     seed: int = 0,
     progress: bool = False,
+    exact_limit: int = EXACT_LIMIT,
+    chunk_size: int = CHUNK_SIZE,
 ) -> np.ndarray:
     """Indices of the greedy k-center coreset of ``features`` (rows), in the order chosen.
 
     ``ratio`` is the kept fraction (0.001 to 1). The first centre is drawn with ``seed``.
+
+    Up to ``exact_limit`` rows this is the paper's greedy selection over all of them. Above it,
+    greedy k-center composes (Malkomes et al., NeurIPS 2015): the rows are split at random
+    (``seed``) into chunks of ``chunk_size``, greedy keeps ``OVERSAMPLING`` times its share of each
+    chunk, and greedy over the union of those picks chooses the coreset. The work falls from
+    O(rows x picks) to O(rows x chunk picks); the coverage radius (the farthest any row lies from
+    the coreset) stays close to the full greedy's (measured in ``benchmarks/coreset_scaling.py``).
     """
     n_points = features.shape[0]
     n_select = coreset_size(n_points, ratio)
     if n_select >= n_points:
         return np.arange(n_points)
     points = random_projection(features, projection_dim, seed)
-    return farthest_point_order(points, n_select, first=int(np.random.default_rng(seed).integers(n_points)), progress=progress)
+    # Centred: squared distances expanded as |p|^2 - 2 p.c + |c|^2 keep their precision when the
+    # vectors share a large common offset.
+    points -= points.mean(axis=0, dtype=np.float64).astype(np.float32)
+    rng = np.random.default_rng(seed)
+    if n_points <= exact_limit:
+        return farthest_point_order(points, n_select, first=int(rng.integers(n_points)), progress=progress)
+    shuffled = rng.permutation(n_points)
+    picks = []
+    chunks = range(0, n_points, chunk_size)
+    for start in tqdm(chunks, desc="coreset chunks", unit="chunk", disable=not progress):
+        rows = np.sort(shuffled[start : start + chunk_size])
+        share = min(len(rows), int(math.ceil(len(rows) * n_select / n_points * OVERSAMPLING)))
+        picks.append(rows[farthest_point_order(points[rows], share)])
+    union = np.sort(np.concatenate(picks))
+    return union[farthest_point_order(points[union], n_select, progress=progress)]
 
 
 def _bounding_sketch(points: np.ndarray, dims: int) -> np.ndarray:
@@ -90,6 +119,10 @@ def farthest_point_order(
     sketch = _bounding_sketch(points, min(sketch_dims, dim))
     sketch_norms = np.einsum("ij,ij->i", sketch, sketch)
     nearest = np.full(n_points, np.inf, dtype=np.float32)  # squared distance to the nearest chosen centre
+    # The sketch bound |s_p|^2 - 2 s_p.s_c + |s_c|^2 < nearest_p (with a small slack for rounding)
+    # rearranged as s_p.s_c > limit_p + |s_c|^2 / 2: one matrix-vector product and one comparison
+    # per step, and `limit` changes only where `nearest` does.
+    limit = np.full(n_points, -np.inf, dtype=np.float32)
     owner = np.zeros(n_points, dtype=np.int32)  # index (into `chosen`) of that centre
     centres = np.empty((n_select, dim), dtype=np.float32)
     centre_norms = np.empty(n_select, dtype=np.float32)
@@ -108,9 +141,7 @@ def farthest_point_order(
         if step == 0:
             affected = np.arange(n_points)
         else:
-            # Lower bound from the sketches; the small slack absorbs float rounding.
-            bound = sketch_norms - 2.0 * (sketch @ sketch[candidate]) + sketch_norms[candidate]
-            affected = np.flatnonzero(bound < nearest * 1.0001)
+            affected = np.flatnonzero(sketch @ sketch[candidate] > limit + 0.5 * sketch_norms[candidate])
             if len(affected) > 64:
                 # Triangle inequality: only points whose centre lies within 2 r of the new one.
                 gaps = centre_norms[:step] - 2.0 * (centres[:step] @ centre) + centre_norms[step]
@@ -126,6 +157,7 @@ def farthest_point_order(
             closer = affected[moved]
             nearest[closer] = squared[moved]
         owner[closer] = step
+        limit[closer] = 0.5 * (sketch_norms[closer] - 1.0001 * nearest[closer])
         candidate = int(np.argmax(nearest))
         bar.update()
     bar.close()
