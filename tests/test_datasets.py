@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from patchcore.datasets import (
+from patchcore.evaluation.datasets import (
     Dataset,
     TestSample,
     check_image_file,

@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from patchcore.features import PatchFeatures, channel_pooling_matrix, layer_widths
+from patchcore.engine.features import PatchFeatures, channel_pooling_matrix, layer_widths
 
 
 def test_layer_widths_never_inflate_channels():

@@ -9,10 +9,10 @@ from torch import nn
 
 from conftest import product_image
 from patchcore import PatchCore
-from patchcore.backbones import Backbone
-from patchcore.embedding import PatchEmbedder
-from patchcore.features import PatchFeatures
-from patchcore.geometry import parse_resize, tile_owner, tile_starts
+from patchcore.engine.backbones import Backbone
+from patchcore.engine.embedding import PatchEmbedder
+from patchcore.engine.features import PatchFeatures
+from patchcore.engine.geometry import parse_resize, tile_owner, tile_starts
 
 
 def test_parse_resize_accepts_a_shorter_side_an_exact_size_or_native():

@@ -6,8 +6,8 @@ import torch
 from PIL import Image
 
 from patchcore.errors import ImageLoadError
-from patchcore.geometry import InputTransform
-from patchcore.images import expand_sources, iterate_batches, list_images, read_image
+from patchcore.engine.geometry import InputTransform
+from patchcore.engine.images import expand_sources, iterate_batches, list_images, read_image
 
 
 def test_reads_16_bit_grayscale_rgba_and_palette(tmp_path):

@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from patchcore.metrics import (
+from patchcore.evaluation.metrics import (
     aupro,
     f1_max,
     image_auroc,
     pixel_auroc,
     pro_curve_points,
+    pixel_metrics,
     roc_curve_points,
-    threshold_at_fpr,
 )
 
 # --- hand-computed AUPRO case -------------------------------------------------------------
@@ -286,37 +286,23 @@ def test_f1_max_perfect_and_errors():
         f1_max([0, 0], [0.1, 0.2])
 
 
-@pytest.mark.parametrize(
-    "fpr, expected",
-    [(0.0, 10), (0.05, 10), (0.1, 9), (0.15, 9), (0.2, 8), (0.29, 8), (0.3, 7), (1.0, 1)],
-)
-def test_threshold_at_fpr_rule(fpr, expected):
-    scores = np.arange(1, 11, dtype=float)[::-1]  # order must not matter
-    assert threshold_at_fpr(scores, fpr) == expected
+def test_pixel_metrics_f1_and_roc_match_brute_force():
+    rng = np.random.default_rng(4)
+    masks = [rng.random((12, 15)) < 0.15 for _ in range(3)]
+    maps = [np.round(rng.random((12, 15)) + 0.6 * m, 2).astype(np.float32) for m in masks]  # rounding: ties
+    result = pixel_metrics(masks, maps)
+    labels = np.concatenate([m.ravel() for m in masks])
+    scores = np.concatenate([m.ravel() for m in maps])
+    best = 0.0
+    for t in np.unique(scores):
+        predicted = scores >= t
+        tp = np.sum(predicted & labels)
+        precision, recall = tp / predicted.sum(), tp / labels.sum()
+        best = max(best, 0.0 if tp == 0 else 2 * precision * recall / (precision + recall))
+    assert result["f1_max"] == pytest.approx(best)
+    assert np.mean(labels[scores >= result["f1_threshold"]]) > labels.mean()
+    from sklearn.metrics import roc_auc_score
 
-
-def test_threshold_at_fpr_small_samples_and_ties():
-    assert threshold_at_fpr([0.3, 0.7], 0.05) == 0.7  # n < 1/fpr: no false alarm allowed
-    assert threshold_at_fpr([0.4], 0.5) == 0.4
-    assert threshold_at_fpr([5, 5, 5, 1], 0.5) == 5  # ties: 0 above, never more than allowed
-
-
-def test_threshold_at_fpr_property():
-    rng = np.random.default_rng(2)
-    for n in (1, 3, 17, 100):
-        scores = rng.random(n)
-        for fpr in (0.0, 0.01, 0.1, 0.25, 0.5, 0.99, 1.0):
-            threshold = threshold_at_fpr(scores, fpr)
-            assert np.mean(scores > threshold) <= fpr
-            lower = scores[scores < threshold]
-            if lower.size:  # the threshold is as low as allowed: the next value would exceed fpr
-                assert np.mean(scores > lower.max()) > fpr
-
-
-def test_threshold_at_fpr_errors():
-    with pytest.raises(ValueError, match="no good scores"):
-        threshold_at_fpr([], 0.1)
-    with pytest.raises(ValueError, match="fpr must be in"):
-        threshold_at_fpr([0.1], -0.1)
-    with pytest.raises(ValueError, match="NaN"):
-        threshold_at_fpr([0.1, float("inf")], 0.1)
+    assert result["auroc"] == pytest.approx(roc_auc_score(labels, scores))
+    fpr, tpr = result["roc"]
+    assert fpr[0] == tpr[0] == 0.0 and fpr[-1] == tpr[-1] == 1.0 and np.all(np.diff(fpr) >= 0)

@@ -21,11 +21,12 @@ def test_mvtec_bottle_image_auroc_with_the_offline_default():
 
 @pytest.mark.slow
 def test_elpv_demo_pipeline_separates_solar_cells_well_above_chance(tmp_path):
-    from patchcore.demo import elpv_dataset
-    from patchcore.evaluate import evaluate_dataset
+    from patchcore.evaluation.demo import elpv_dataset
+    from patchcore.evaluation.evaluate import evaluate_dataset
 
     # The demo's pipeline on a small fixed subset: 60 good cells to fit, 30 + 30 to test.
-    result = evaluate_dataset(PatchCore(coreset_ratio=0.1), elpv_dataset(60, 30, 30, seed=0), tmp_path)
+    dataset, _ = elpv_dataset(60, 30, 30, seed=0)
+    result = evaluate_dataset(PatchCore(coreset_ratio=0.1), dataset, tmp_path)
     print(f"ELPV subset image AUROC {result['image_auroc']:.3f}")
     assert result["image_auroc"] >= 0.85
     assert (tmp_path / "elpv-mono" / "report.html").is_file()

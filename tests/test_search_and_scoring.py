@@ -3,9 +3,9 @@ import math
 import numpy as np
 import pytest
 
-from patchcore.geometry import Placement
-from patchcore.scoring import anomaly_map, reweighted_image_score
-from patchcore.search import MemoryBankIndex
+from patchcore.engine.geometry import Placement
+from patchcore.engine.scoring import anomaly_map, reweighted_image_score
+from patchcore.engine.search import MemoryBankIndex
 
 
 @pytest.mark.parametrize("backend", ["torch", "faiss"])

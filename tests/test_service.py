@@ -20,9 +20,12 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 
-from patchcore import PatchCore, persistence  # noqa: E402
+from patchcore import PatchCore  # noqa: E402
+from patchcore.engine import persistence  # noqa: E402
 from patchcore.errors import ModelFormatError  # noqa: E402
-from patchcore.service import create_app, discover_models, read_image_bytes  # noqa: E402
+from patchcore.engine.images import read_image  # noqa: E402
+from patchcore.serving.app import create_app  # noqa: E402
+from patchcore.serving.models import discover_models  # noqa: E402
 
 BAD_INPUTS = Path(__file__).parent / "data" / "bad_inputs"
 PREDICT = "/v1/models/tiny/predict"
@@ -74,7 +77,7 @@ def client(app):
 def threshold(app):
     """Give the served model a threshold for one test (threshold_ is set by calibration elsewhere)."""
     model = app.state.models["tiny"].model
-    model.set_threshold(60.0)
+    model.set_threshold(60.0, pixel_threshold=30.0)
     yield 60.0
     for name in ("threshold_", "pixel_threshold_", "threshold_source_"):
         if hasattr(model, name):
@@ -149,13 +152,21 @@ def test_predict_multipart_and_raw_agree_with_the_library(client, model_dir):
         assert "anomaly_map_png" not in body and "mask_png" not in body
 
 
+def model_dir_of(client):
+    return client.app.state.models["tiny"].directory
+
+
 def test_predict_with_maps_overlay_and_mask(client):
     body = _post_file(client, _test_images()[0], query="?map=true&overlay=true&mask=true").json()
     heat = _decode_png(body["anomaly_map_png"])
     assert heat.size == (64, 64) and heat.mode == "RGB"
     assert _decode_png(body["overlay_png"]).size == (64, 64)
     assert body["mask_png"] is None  # no threshold: no mask
-    assert body["map_scale"]["fixed"] is False
+    # One colour scale for every image of the model: blue at the mean score of its good training patches.
+    model = PatchCore.load(model_dir_of(client))
+    assert body["map_scale"] == {"low": pytest.approx(model.normal_patch_score_mean_),
+                                 "high": pytest.approx(model.normal_patch_score_mean_ + 8 * model.normal_patch_score_std_),
+                                 "fixed": True}
 
 
 def test_predict_with_threshold(client, threshold):
@@ -164,6 +175,8 @@ def test_predict_with_threshold(client, threshold):
     assert body["is_anomalous"] == (body["score"] >= threshold)
     mask = np.asarray(_decode_png(body["mask_png"]))
     assert mask.shape == (64, 64) and set(np.unique(mask)) <= {0, 255}
+    local = client.app.state.models["tiny"].model.predict([Image.open(io.BytesIO(_test_images()[3]))])[0]
+    assert np.array_equal(mask == 255, local.anomaly_map >= 30.0)
     assert client.get("/v1/models").json()["models"][0]["threshold"] == threshold
 
 
@@ -258,11 +271,11 @@ def test_awkward_but_valid_images_work(client, name):
     assert _decode_png(body["anomaly_map_png"]).size == ACCEPTED[name]
 
 
-def test_read_image_bytes_converts_modes():
+def test_read_image_from_bytes_converts_modes():
     for name in ACCEPTED:
-        image = read_image_bytes((BAD_INPUTS / name).read_bytes(), name)
+        image = read_image((BAD_INPUTS / name).read_bytes(), name=name)
         assert image.mode == "RGB" and image.size == ACCEPTED[name]
-    sixteen = np.asarray(read_image_bytes((BAD_INPUTS / "gray16.png").read_bytes()))
+    sixteen = np.asarray(read_image((BAD_INPUTS / "gray16.png").read_bytes()))
     assert sixteen.max() > 200  # 16-bit data is scaled to 8 bits, not clipped
 
 
@@ -295,10 +308,47 @@ def test_upload_over_the_limit_is_413(small_client):
     assert 'status="413"' in small_client.get("/metrics").text
 
 
-def test_load_is_shed_with_503_when_the_queue_is_full(small_client):
+def test_an_idle_service_with_no_queue_still_answers(small_client):
+    # max_queue=0 sheds only requests that would have to wait; an idle service has a free slot.
     response = small_client.post(PREDICT, content=(BAD_INPUTS / "gray.png").read_bytes(), headers={"content-type": "image/png"})
-    assert response.status_code == 503  # max_queue=0: every request that must wait is shed
-    assert response.headers["retry-after"] == "1" and "overloaded" in response.json()["error"]
+    assert response.status_code == 200 and "score" in response.json()
+
+
+def test_load_is_shed_with_503_once_the_queue_is_full(model_dir):
+    """One slot, one place in the queue: a third concurrent request is refused at once, the first two finish."""
+    import time as _time
+
+    app = create_app({"tiny": model_dir}, inference_slots=1, max_queue=1)
+    served = app.state.models["tiny"].model
+    release = threading.Event()
+    original = served.predict
+
+    def slow_predict(*args, **kwargs):
+        release.wait(30)
+        return original(*args, **kwargs)
+
+    served.predict = slow_predict
+    body = (BAD_INPUTS / "gray.png").read_bytes()
+    metrics = app.state.metrics
+
+    def wait_for(condition):
+        deadline = _time.monotonic() + 30
+        while not condition():
+            assert _time.monotonic() < deadline, "the service never reached the expected state"
+            _time.sleep(0.01)
+
+    with TestClient(app, raise_server_exceptions=False) as client, ThreadPoolExecutor(2) as pool:
+        post = lambda: client.post(PREDICT, content=body, headers={"content-type": "image/png"})  # noqa: E731
+        first = pool.submit(post)
+        wait_for(lambda: metrics.in_flight == 1)  # the slot is taken
+        second = pool.submit(post)
+        wait_for(lambda: metrics.waiting == 1)  # the queue is full
+        shed = [post() for _ in range(3)]
+        assert [r.status_code for r in shed] == [503, 503, 503]
+        assert shed[0].headers["retry-after"] == "1" and "overloaded" in shed[0].json()["error"]
+        release.set()
+        assert first.result().status_code == 200 and second.result().status_code == 200
+        assert metrics.waiting == 0 and metrics.in_flight == 0
 
 
 # -- concurrency ----------------------------------------------------------------------------------

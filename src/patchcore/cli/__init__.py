@@ -1,0 +1,1 @@
+"""The ``patchcore`` command line: argument parsing and the commands, over evaluation and serving."""

@@ -1,0 +1,39 @@
+"""``patchcore fit``: build a model from good images and save it."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .options import SkippedImages, add_model_options, model_from_args
+
+
+def add_parser(commands) -> None:
+    parser = commands.add_parser("fit", help="build a model from a folder of good images",
+                                 description="Fit a PatchCore model on images of good products and save it.")
+    parser.add_argument("train", nargs="+", metavar="TRAIN", help="folder(s) or image files of good products")
+    parser.add_argument("-o", "--output", required=True, metavar="MODEL_DIR", help="folder to save the model in")
+    parser.add_argument("--skip-bad-images", action="store_true", help="warn about and skip unreadable images instead of stopping")
+    parser.add_argument("--calibrate", nargs="+", metavar="GOOD", default=None,
+                        help="held-out good images or folders: set the image and pixel thresholds from them")
+    parser.add_argument("--max-fpr", type=float, default=0.01,
+                        help="with --calibrate: largest share of good images that may be flagged (default: 0.01)")
+    parser.add_argument("--max-pixel-fpr", type=float, default=0.001,
+                        help="with --calibrate: largest share of good images' pixels that masks may mark (default: 0.001)")
+    add_model_options(parser)
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    skipped = SkippedImages() if args.skip_bad_images else None
+    model = model_from_args(args).fit(args.train, on_error=skipped)
+    if args.calibrate:
+        model.calibrate_threshold(args.calibrate, args.max_fpr, args.max_pixel_fpr)
+        print(f"threshold {model.threshold_:.4f}, pixel threshold {model.pixel_threshold_:.4f} ({model.threshold_source_})")
+    model.save(args.output)
+    timings = ", ".join(f"{k} {v:.1f}s" for k, v in model.fit_timings_.items())
+    print(f"fitted on {model.n_training_images_} images: memory bank {model.memory_bank_.shape[0]} x "
+          f"{model.memory_bank_.shape[1]} ({timings}); saved to {args.output}")
+    if skipped and skipped.errors:
+        print(f"{len(skipped.errors)} image(s) skipped", file=sys.stderr)
+    return 0

@@ -1,0 +1,49 @@
+"""The ``patchcore`` command: fit, predict, evaluate, experiment, serve, demo, backbones."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .. import __version__
+from ..engine.backbones import REGISTRY
+from ..errors import PatchCoreError
+from . import demo, evaluate, experiment, fit, predict, serve
+
+
+def _backbones(args: argparse.Namespace) -> int:
+    for spec in REGISTRY.values():
+        print(f"{spec.name:20s} layers {','.join(spec.layers):18s} {spec.notes}")
+    print("any other timm model name works too, e.g. --backbone resnet18 --layers layer2,layer3")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="patchcore",
+        description="PatchCore anomaly detection: fit on images of good products, then score new images "
+                    "and show where defects are.",
+    )
+    parser.add_argument("--version", action="version", version=f"patchcore {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for command in (fit, predict, demo, evaluate, experiment, serve):
+        command.add_parser(commands)
+    backbones = commands.add_parser("backbones", help="list the known backbones", description="List the known backbones.")
+    backbones.set_defaults(handler=_backbones)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except (PatchCoreError, ValueError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

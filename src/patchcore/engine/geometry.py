@@ -1,0 +1,178 @@
+"""From a photo to the network's input and back: resize, optional centre crop, pad, tiles.
+
+The network sees the whole photo by default, its aspect ratio kept: the shorter side is resized
+to ``resize`` pixels (or the photo to an exact ``(width, height)``, or left at its own size), and
+the right and bottom edges are padded by repeating the last row/column up to a multiple of the
+backbone's stride, so that every stage's grid divides evenly (a 1500x1000 photo at 256 becomes
+384x256, a 48x32 grid of stride-8 patches). The paper's protocol, shorter side 256 and a centred
+224x224 crop, is ``crop=224``.
+
+A :class:`Placement` remembers where the input came from, so that a patch-score grid can be
+turned into an anomaly map over every pixel of the original photo.
+
+Large inputs can be cut into overlapping square tiles (:func:`tile_starts`): each tile runs
+through the network on its own, and each patch of the full grid is taken from the tile in which
+it lies most centrally, far from the tile's borders, so the stitched grid has no seams.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+#: Smallest input side the transform accepts (pixels).
+MIN_SIDE = 32
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a network input came from in its original photo.
+
+    ``box`` is the region of the photo the input shows (left, top, right, bottom, in original
+    pixels; the whole photo unless cropped); ``content_size`` its (height, width) in input pixels;
+    ``input_size`` the (height, width) fed to the network, padding included.
+    """
+
+    image_size: tuple[int, int]
+    box: tuple[float, float, float, float]
+    content_size: tuple[int, int]
+    input_size: tuple[int, int]
+
+    @property
+    def covers_image(self) -> bool:
+        """Whether the network saw every pixel of the photo (no crop)."""
+        height, width = self.image_size
+        left, top, right, bottom = self.box
+        return left <= 0.5 and top <= 0.5 and right >= width - 0.5 and bottom >= height - 0.5
+
+
+def parse_resize(value) -> int | tuple[int, int] | None:
+    """``256``, ``"256"``, ``"384x256"`` (width x height), ``(384, 256)``, ``None``/``"none"``/``0`` -> a resize setting."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "native", "0", "")):
+        return None
+    if isinstance(value, str):
+        parts = value.lower().replace(" ", "").split("x")
+        if len(parts) == 1:
+            return parse_resize(int(parts[0]))
+        if len(parts) == 2:
+            return parse_resize((int(parts[0]), int(parts[1])))
+        raise ValueError(f"resize must be a shorter side like 256 or a size like 384x256, got {value!r}")
+    if isinstance(value, (list, tuple)):
+        if len(value) != 2:
+            raise ValueError(f"resize as a size needs (width, height), got {value!r}")
+        width, height = (int(v) for v in value)
+        if min(width, height) < MIN_SIDE:
+            raise ValueError(f"resize must be at least {MIN_SIDE} pixels on each side, got {width}x{height}")
+        return (width, height)
+    side = int(value)
+    if side == 0:
+        return None
+    if side < MIN_SIDE:
+        raise ValueError(f"resize must be at least {MIN_SIDE} pixels, got {side}")
+    return side
+
+
+def resized_size(width: int, height: int, resize: int | tuple[int, int] | None) -> tuple[int, int]:
+    """(width, height) of a ``width`` x ``height`` photo after the resize rule."""
+    if resize is None:
+        return width, height
+    if isinstance(resize, tuple):
+        return resize
+    scale = resize / min(width, height)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def padded(length: int, multiple: int) -> int:
+    """``length`` rounded up to a multiple of ``multiple``."""
+    return int(math.ceil(length / multiple)) * multiple
+
+
+@dataclass(frozen=True)
+class InputTransform:
+    """Resize (shorter side, exact size, or none), optionally centre-crop, pad to ``stride``, normalise."""
+
+    resize: int | tuple[int, int] | None
+    crop: int | None
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    #: Inputs are padded to a multiple of this (the deepest feature stage's stride).
+    stride: int = 1
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "resize", parse_resize(self.resize))
+        if self.crop is not None and self.crop < MIN_SIDE:
+            raise ValueError(f"crop must be at least {MIN_SIDE} pixels, got {self.crop}")
+        if isinstance(self.resize, int) and self.crop is not None and self.crop > self.resize:
+            raise ValueError(f"crop ({self.crop}) must not be larger than resize ({self.resize})")
+        if isinstance(self.resize, tuple) and self.crop is not None and self.crop > min(self.resize):
+            raise ValueError(f"crop ({self.crop}) must not be larger than the resized image {self.resize[0]}x{self.resize[1]}")
+        if self.stride < 1:
+            raise ValueError(f"stride must be at least 1, got {self.stride}")
+
+    def input_size(self, width: int, height: int) -> tuple[int, int]:
+        """(height, width) of the network input made from a ``width`` x ``height`` photo."""
+        if self.crop is not None:
+            return padded(self.crop, self.stride), padded(self.crop, self.stride)
+        new_width, new_height = resized_size(width, height, self.resize)
+        return padded(new_height, self.stride), padded(new_width, self.stride)
+
+    def resized_pixels(self, width: int, height: int) -> int:
+        """Pixels of the photo after the resize (before a crop): the transform's largest image."""
+        new_width, new_height = resized_size(width, height, self.resize)
+        return new_width * new_height
+
+    def __call__(self, image: Image.Image) -> tuple[torch.Tensor, Placement]:
+        width, height = image.size
+        new_size = resized_size(width, height, self.resize)
+        resized = image.resize(new_size, Image.BILINEAR) if new_size != image.size else image
+        scale_x, scale_y = resized.width / width, resized.height / height
+        left = top = 0
+        if self.crop is not None:
+            if self.crop > min(resized.size):
+                raise ValueError(f"image of {width}x{height} is smaller than the {self.crop} px crop")
+            left = int(round((resized.width - self.crop) / 2.0))
+            top = int(round((resized.height - self.crop) / 2.0))
+            resized = resized.crop((left, top, left + self.crop, top + self.crop))
+        box = (left / scale_x, top / scale_y, (left + resized.width) / scale_x, (top + resized.height) / scale_y)
+        array = np.asarray(resized, dtype=np.float32)
+        pixels = torch.from_numpy(array).permute(2, 0, 1)
+        mean = torch.tensor(self.mean, dtype=torch.float32).view(3, 1, 1)
+        scale = torch.tensor([1.0 / (255.0 * s) for s in self.std], dtype=torch.float32).view(3, 1, 1)
+        pixels = (pixels - 255.0 * mean) * scale
+        content = (resized.height, resized.width)
+        input_size = (padded(content[0], self.stride), padded(content[1], self.stride))
+        if input_size != content:  # repeat the last row / column: no artificial edge for the network
+            pad = (0, input_size[1] - content[1], 0, input_size[0] - content[0])
+            pixels = F.pad(pixels[None], pad, mode="replicate")[0]
+        return pixels.contiguous(), Placement((height, width), box, content, input_size)
+
+
+def tile_starts(length: int, tile: int, overlap: int, multiple: int) -> list[int]:
+    """Start offsets of tiles of ``tile`` pixels covering ``length`` with at least ``overlap`` shared.
+
+    Offsets are multiples of ``multiple`` (the stride, so that every stage's grid lines up) and the
+    last tile ends at ``length`` (``length`` and ``tile`` must be multiples of ``multiple``).
+    """
+    if tile >= length:
+        return [0]
+    step = max(multiple, (tile - overlap) // multiple * multiple)
+    count = int(math.ceil((length - tile) / step)) + 1
+    # Spread the tiles evenly between the first (0) and the last (length - tile) offset.
+    last = length - tile
+    starts = sorted({int(round(i * last / (count - 1) / multiple)) * multiple for i in range(count)})
+    return starts
+
+
+def tile_owner(grid_length: int, starts: list[int], tile_cells: int, cell: int) -> np.ndarray:
+    """For each cell of a grid axis, the index of the tile in which it lies most centrally.
+
+    ``starts`` are tile offsets in input pixels, ``tile_cells`` the tile's length in cells and
+    ``cell`` the input pixels per cell.
+    """
+    centres = np.array([s / cell + tile_cells / 2.0 for s in starts])
+    positions = np.arange(grid_length) + 0.5
+    return np.argmin(np.abs(positions[:, None] - centres[None, :]), axis=1)

@@ -1,0 +1,269 @@
+"""Reading images of any common kind, and decoding them in batches for the network."""
+
+from __future__ import annotations
+
+import io
+import itertools
+import os
+import warnings
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Sequence, Union
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from ..errors import ImageLoadError
+from .geometry import Placement
+
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
+
+#: What ``fit`` and ``predict`` accept as one image.
+ImageSource = Union[str, os.PathLike, Image.Image, np.ndarray]
+
+
+def list_images(folder: str | os.PathLike) -> list[Path]:
+    """The image files directly inside ``folder``, sorted by name.
+
+    Entries with an image suffix that cannot be used (a link to nothing, a file without read
+    permission, a folder named like an image) are left out with one warning that says how many
+    and why.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ImageLoadError(str(folder), "not a folder")
+    files, unusable = [], []
+    for entry in sorted(folder.iterdir()):
+        if entry.suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        if entry.is_file() and os.access(entry, os.R_OK):
+            files.append(entry)
+        elif entry.is_symlink() and not entry.exists():
+            unusable.append(f"{entry.name} (link to a missing file)")
+        elif entry.is_file():
+            unusable.append(f"{entry.name} (not readable: permission denied)")
+        else:
+            unusable.append(f"{entry.name} (not a regular file)")
+    if unusable:
+        shown = "; ".join(unusable[:5]) + ("; ..." if len(unusable) > 5 else "")
+        warnings.warn(f"{folder}: skipped {len(unusable)} unusable entr{'y' if len(unusable) == 1 else 'ies'}: {shown}",
+                      stacklevel=2)
+    if not files:
+        raise ImageLoadError(str(folder), f"folder holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    return files
+
+
+def expand_sources(images: ImageSource | Iterable[ImageSource]) -> list[ImageSource]:
+    """Flatten one image, a folder, or a list of both into a list of single image sources."""
+    if isinstance(images, (str, os.PathLike, Image.Image, np.ndarray)):
+        images = [images]
+    sources: list[ImageSource] = []
+    for item in images:
+        if isinstance(item, (str, os.PathLike)) and Path(item).is_dir():
+            sources.extend(list_images(item))
+        else:
+            sources.append(item)
+    if not sources:
+        raise ValueError("no images given")
+    return sources
+
+
+def source_name(source: ImageSource | bytes, position: int) -> str:
+    """A name for error messages and result tables: the path, or ``<image N>``."""
+    if isinstance(source, (str, os.PathLike)):
+        return str(source)
+    return getattr(source, "filename", None) or f"<image {position}>"
+
+
+def unique_names(stems: list[str]) -> list[str]:
+    """File-name stems made unique by appending the position to repeats (``a``, ``a-3``)."""
+    names, seen = [], set()
+    for position, stem in enumerate(stems):
+        name = stem if stem not in seen else f"{stem}-{position}"
+        seen.add(name)
+        names.append(name)
+    return names
+
+
+def _to_uint8(array: np.ndarray) -> np.ndarray:
+    """Scale integer data of more than 8 bits, or floats in [0, 1], to 8 bits."""
+    if array.dtype == np.uint8:
+        return array
+    if array.dtype == np.bool_:
+        return array.astype(np.uint8) * 255
+    if np.issubdtype(array.dtype, np.integer):
+        # 16-bit data (also when PIL hands it out as 32-bit 'I' mode) -> top 8 bits.
+        peak = 65535 if array.max(initial=0) > 255 or array.dtype == np.uint16 else 255
+        return np.clip(np.rint(array.astype(np.float64) * (255.0 / peak)), 0, 255).astype(np.uint8)
+    if np.issubdtype(array.dtype, np.floating):
+        if not np.isfinite(array).all():
+            raise ValueError("image holds NaN or infinite values")
+        scale = 255.0 if array.max(initial=0) <= 1.0 else 1.0
+        return np.clip(np.rint(array * scale), 0, 255).astype(np.uint8)
+    raise ValueError(f"unsupported pixel type {array.dtype}")
+
+
+def array_to_rgb(array: np.ndarray) -> Image.Image:
+    """An RGB image from an HxW, HxWx1, HxWx3 or HxWx4 array (alpha is dropped)."""
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    if array.ndim == 2:
+        array = np.repeat(_to_uint8(array)[:, :, None], 3, axis=2)
+    elif array.ndim == 3 and array.shape[2] in (3, 4):
+        array = _to_uint8(array[:, :, :3])
+    else:
+        raise ValueError(f"array of shape {array.shape} is not an image (HxW, HxWx1, HxWx3 or HxWx4)")
+    if min(array.shape[:2]) < 1:
+        raise ValueError(f"image of size {array.shape[1]}x{array.shape[0]} is empty")
+    return Image.fromarray(np.ascontiguousarray(array), mode="RGB")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB version of a PIL image of any mode: 16-bit, float, grayscale, palette, RGBA, CMYK."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        return array_to_rgb(np.asarray(image))
+    if image.mode in ("LA", "PA", "P", "RGBa", "La"):
+        image = image.convert("RGBA")  # via RGBA so that palette and alpha modes convert cleanly
+    return image.convert("RGB")
+
+
+def read_image(
+    source: ImageSource | bytes,
+    position: int = 0,
+    *,
+    name: str | None = None,
+    max_pixels: int | None = None,
+    formats: Sequence[str] | None = None,
+) -> Image.Image:
+    """Load ``source`` (a path, PIL image, array, or the bytes of an image file) as an RGB PIL image.
+
+    The camera's EXIF orientation is applied, so the image is upright as every viewer shows it.
+    ``max_pixels`` refuses larger images from their header, before any pixel is decoded;
+    ``formats`` limits the decoders tried (e.g. for uploads). Any failure is an
+    :class:`ImageLoadError` naming the image (``name``, else the path or ``<image N>``).
+    """
+    name = name or source_name(source, position)
+    try:
+        if isinstance(source, np.ndarray):
+            return array_to_rgb(source)
+        if isinstance(source, Image.Image):
+            return to_rgb(source)
+        if isinstance(source, (bytes, bytearray, memoryview)):
+            if not len(source):
+                raise ImageLoadError(name, "empty image data (zero bytes)")
+            stream = io.BytesIO(source)
+        else:
+            path = Path(source)
+            if not path.is_file():
+                raise ImageLoadError(name, "file not found" if not path.exists() else "not a file")
+            stream = path
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(stream, formats=formats) as opened:
+                _check_pixels(name, opened.width, opened.height, max_pixels)
+                opened.load()
+                _check_pixels(name, opened.width, opened.height, max_pixels)  # some formats settle their size on load
+                image = to_rgb(ImageOps.exif_transpose(opened))
+                image.load()
+                if image is opened:
+                    image = image.copy()
+        if image.width < 1 or image.height < 1:
+            raise ImageLoadError(name, "image has no pixels")
+        return image
+    except ImageLoadError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise TooManyPixels(name, f"image is too large to decode safely ({exc})") from None
+    except UnidentifiedImageError:
+        if formats:
+            raise ImageLoadError(name, f"not an image, or not one of the accepted formats ({', '.join(formats)})") from None
+        raise ImageLoadError(name, "not an image file, or an image format Pillow cannot read") from None
+    except MemoryError:
+        raise TooManyPixels(name, "image is too large to decode safely (out of memory while decoding)") from None
+    except Exception as exc:  # decoders raise many kinds on hostile input; all mean "bad image"
+        raise ImageLoadError(name, f"corrupt or truncated image ({type(exc).__name__}: {exc})") from None
+
+
+class TooManyPixels(ImageLoadError):
+    """An image larger than the size limit (a decompression bomb, or simply too big)."""
+
+
+def _check_pixels(name: str, width: int, height: int, max_pixels: int | None) -> None:
+    if width < 1 or height < 1:
+        raise ImageLoadError(name, "image has no pixels")
+    if max_pixels is not None and width * height > max_pixels:
+        raise TooManyPixels(name, f"image of {width}x{height} pixels is too large to decode safely (limit {max_pixels} pixels)")
+
+
+@dataclass
+class LoadedBatch:
+    """A batch of network inputs with what is needed to map results back to each image."""
+
+    names: list[str]
+    pixels: torch.Tensor  # (batch, 3, H, W), normalised
+    placements: list[Placement]
+    #: The decoded photos (only when asked for), else ``None`` each.
+    images: list[Image.Image | None]
+
+
+def iterate_batches(
+    sources: list[ImageSource],
+    transform: Callable[[Image.Image], tuple[torch.Tensor, Placement]],
+    batch_size: int,
+    workers: int = 2,
+    on_error: Callable[[ImageLoadError], None] | None = None,
+    keep_images: bool = False,
+) -> Iterator[LoadedBatch]:
+    """Decode and transform images in background threads, yielding them in order, in batches.
+
+    Images whose network inputs differ in size (photos of other sizes or shapes) go into separate
+    batches, so a batch may hold fewer than ``batch_size`` images. A bad image raises
+    :class:`ImageLoadError`, or, with ``on_error``, is reported to it and left out. With
+    ``keep_images`` each batch also carries the decoded photos.
+    """
+
+    def load(item: tuple[int, ImageSource]):
+        position, source = item
+        image = read_image(source, position)
+        try:
+            pixels, placement = transform(image)
+        except ValueError as exc:
+            raise ImageLoadError(source_name(source, position), str(exc)) from exc
+        return source_name(source, position), pixels, placement, image if keep_images else None
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        pending: deque = deque()
+        items = enumerate(sources)
+        batch: list = []
+        while True:
+            # Keep two batches in flight: enough to hide decoding, bounded in memory.
+            for item in itertools.islice(items, 2 * batch_size - len(pending)):
+                pending.append(pool.submit(load, item))
+            if not pending:
+                break
+            try:
+                item = pending.popleft().result()
+            except ImageLoadError as error:
+                if on_error is None:
+                    raise
+                on_error(error)
+                continue
+            if batch and item[1].shape != batch[0][1].shape:
+                yield _collate(batch)
+                batch = []
+            batch.append(item)
+            if len(batch) == batch_size:
+                yield _collate(batch)
+                batch = []
+        if batch:
+            yield _collate(batch)
+
+
+def _collate(items: list) -> LoadedBatch:
+    names, pixels, placements, images = zip(*items)
+    return LoadedBatch(list(names), torch.stack(pixels), list(placements), list(images))

@@ -1,0 +1,399 @@
+"""The PatchCore model, with scikit-learn's contract: settings in, ``fit`` -> self, state ends in ``_``."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator
+
+from ..errors import ModelFormatError, NotFittedError
+from . import persistence
+from .approximate_search import KINDS as APPROXIMATE_KINDS
+from .approximate_search import ApproximateIndex
+from .backbones import DEFAULT_BACKBONE, IMAGENET_WEIGHTS, BackboneSpec, build_network, create_backbone, resolve_spec
+from .coreset import SAMPLERS, coreset_size, select_coreset
+from .embedding import embed_batches, feature_pipeline
+from .geometry import parse_resize
+from .images import ImageSource, LoadedBatch, expand_sources
+from .prediction import ErrorHandler, Prediction
+from .scoring import anomaly_map, network_map, reweighted_image_score
+from .search import BACKENDS, MemoryBankIndex
+from .thresholds import flagging_threshold
+from .weights import load_into
+
+#: Training patches drawn (seeded) to measure the scale of normal patch scores after fitting.
+REFERENCE_PATCHES = 10_000
+
+#: Named settings one option away (``--preset``). ``paper``: the paper's MVTec AD protocol, shorter
+#: side 256 and a centred 224x224 crop with a 10% memory bank, for figures comparable with the paper's.
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper": {"resize": 256, "crop": 224, "coreset_ratio": 0.1},
+}
+
+
+class PatchCore(BaseEstimator):
+    """PatchCore anomaly detector (Roth et al., CVPR 2022).
+
+    Fit it on images of good products only; it then scores new images (higher = more anomalous)
+    and localises anomalies with a per-pixel map.
+
+    Parameters
+    ----------
+    backbone: registry name (``efficientnet_lite0``, ``wide_resnet50_2``, ...) or any timm model.
+    layers: feature stages to use, shallow to deep (default: the backbone's stride-8/16 stages).
+    feature_width: width of the patch features (default per backbone; never wider than its channels).
+    neighbourhood: side of the local neighbourhood averaged around each patch (paper: 3).
+    coreset_ratio: share of training patches kept in the memory bank, 0.001 to 1 (paper: 0.1).
+    sampler: ``"greedy"`` k-center coreset (the paper's) or ``"random"`` (the paper's baseline).
+    projection_dim: dimensions of the random projection used by the coreset selection (paper: 128).
+    num_neighbours: ``b`` of the paper's eq. 7 re-weighting (paper: 9); ``reweight=False`` uses the plain maximum.
+    resize: the photo's shorter side is resized to this many pixels (aspect ratio kept), or the photo
+        to an exact ``(width, height)``, or ``None`` keeps its own size.
+    crop: side of a centred square crop after the resize, or ``None`` (default) to inspect the whole
+        photo. The paper's protocol is ``resize=256, crop=224`` (:data:`PRESETS` ``"paper"``).
+    tile_size, tile_overlap: cut network inputs larger than ``tile_size`` pixels into overlapping
+        square tiles (sharing at least ``tile_overlap`` of a side) and stitch their patch features;
+        with ``resize=None`` this inspects large photos at their native resolution in bounded memory.
+    smoothing_sigma: Gaussian smoothing of the anomaly map, in network-input pixels (paper: 4).
+    weights: ``"imagenet"`` (packaged or downloaded), a local state-dict file, or ``"random"``.
+    feature_location: timm feature location, e.g. ``"expansion"`` for EfficientNets (default per backbone).
+    search_backend: exact nearest-neighbour search with ``"torch"`` (faster here) or ``"faiss"`` (IndexFlatL2),
+        or approximate search with faiss ``"hnsw"`` or ``"ivfpq"`` (faster for large banks, scores may rise slightly).
+    batch_size, seed, progress: images per forward pass, coreset seed, progress bars.
+    """
+
+    def __init__(
+        self,
+        backbone: str = DEFAULT_BACKBONE,
+        layers: Sequence[str] | None = None,
+        *,
+        feature_width: int | None = None,
+        neighbourhood: int = 3,
+        coreset_ratio: float = 0.1,
+        sampler: str = "greedy",
+        projection_dim: int = 128,
+        num_neighbours: int = 9,
+        reweight: bool = True,
+        resize: int | tuple[int, int] | None = 256,
+        crop: int | None = None,
+        tile_size: int | None = None,
+        tile_overlap: float = 0.25,
+        smoothing_sigma: float = 4.0,
+        weights: str | os.PathLike = IMAGENET_WEIGHTS,
+        feature_location: str | None = None,
+        search_backend: str = "torch",
+        batch_size: int = 8,
+        seed: int = 0,
+        progress: bool = False,
+    ) -> None:
+        self.backbone = backbone
+        self.layers = layers
+        self.feature_width = feature_width
+        self.neighbourhood = neighbourhood
+        self.coreset_ratio = coreset_ratio
+        self.sampler = sampler
+        self.projection_dim = projection_dim
+        self.num_neighbours = num_neighbours
+        self.reweight = reweight
+        self.resize = resize
+        self.crop = crop
+        self.tile_size = tile_size
+        self.tile_overlap = tile_overlap
+        self.smoothing_sigma = smoothing_sigma
+        self.weights = weights
+        self.feature_location = feature_location
+        self.search_backend = search_backend
+        self.batch_size = batch_size
+        self.seed = seed
+        self.progress = progress
+
+    # -- settings ---------------------------------------------------------------------------
+
+    def settings(self) -> dict[str, Any]:
+        """The constructor's settings as plain JSON values (what a saved model records)."""
+        params = self.get_params(deep=False)
+        params["layers"] = list(params["layers"]) if params["layers"] is not None else None
+        params["weights"] = str(params["weights"])
+        params["resize"] = list(params["resize"]) if isinstance(params["resize"], tuple) else params["resize"]
+        return params
+
+    def _validate_settings(self) -> None:
+        coreset_size(1, self.coreset_ratio)  # raises on an out-of-range ratio
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
+        if self.num_neighbours < 1:
+            raise ValueError(f"num_neighbours must be at least 1, got {self.num_neighbours}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
+        if self.projection_dim < 1:
+            raise ValueError(f"projection_dim must be at least 1, got {self.projection_dim}")
+        if self.search_backend not in BACKENDS + APPROXIMATE_KINDS:
+            raise ValueError(f"search_backend must be one of {', '.join(BACKENDS + APPROXIMATE_KINDS)}, got {self.search_backend!r}")
+        if self.smoothing_sigma < 0:
+            raise ValueError(f"smoothing_sigma must not be negative, got {self.smoothing_sigma}")
+        parse_resize(self.resize)  # raises on a bad size
+
+    def _reset(self) -> None:
+        """Forget everything learned: every attribute ending in ``_``."""
+        for name in [name for name in vars(self) if name.endswith("_") and not name.startswith("__")]:
+            delattr(self, name)
+
+    def _build(self, spec: BackboneSpec, backbone) -> None:
+        """Set the fitted pieces that follow from the settings and the backbone."""
+        self.backbone_spec_ = spec
+        self.backbone_ = backbone
+        self.embedder_, self.transform_ = feature_pipeline(
+            spec, backbone, self.feature_width, self.neighbourhood, self.resize, self.crop,
+            self.tile_size, self.tile_overlap, self.batch_size,
+        )
+
+    # -- fitting ----------------------------------------------------------------------------
+
+    def fit(self, images: ImageSource | Iterable[ImageSource], on_error: ErrorHandler | None = None) -> "PatchCore":
+        """Build the memory bank from images of good products: paths, folders, PIL images or arrays.
+
+        Every fitted attribute is reset first. A bad image raises :class:`ImageLoadError` naming it,
+        unless ``on_error`` takes it (then it is skipped).
+        """
+        self._reset()
+        features = self.extract_patches(images, on_error)
+        return self.fit_patches(features)
+
+    def extract_patches(self, images: ImageSource | Iterable[ImageSource], on_error: ErrorHandler | None = None) -> np.ndarray:
+        """The patch features ``(patches, width)`` of training images, all in one matrix.
+
+        Loads the backbone first if needed. :meth:`fit` is ``fit_patches(extract_patches(images))``;
+        the two steps are public so that experiments can study the patches themselves.
+        """
+        self._validate_settings()
+        timings: dict[str, float] = {}
+        if not hasattr(self, "embedder_"):
+            started = time.perf_counter()
+            spec = resolve_spec(self.backbone, self.layers, self.feature_location)
+            self._build(spec, create_backbone(spec, self.weights))
+            timings["backbone_load"] = time.perf_counter() - started
+        sources = expand_sources(images)
+        started = time.perf_counter()
+        features = None
+        filled = used_images = 0
+        for batch, batch_features in self._embed_batches(sources, "features", on_error):
+            flat = batch_features.reshape(-1, batch_features.shape[-1]).numpy()
+            if features is None:  # sized from the first batch: peak memory stays near the feature matrix
+                per_image = len(flat) // len(batch.names)
+                features = np.empty((len(sources) * per_image, flat.shape[1]), dtype=np.float32)
+            if filled + len(flat) > len(features):  # photos of other sizes: grow geometrically
+                grown = np.empty((max(filled + len(flat), int(len(features) * 1.5)), flat.shape[1]), dtype=np.float32)
+                grown[:filled] = features[:filled]
+                features = grown
+            features[filled : filled + len(flat)] = flat
+            filled += len(flat)
+            used_images += len(batch.names)
+        if features is None:
+            raise ValueError("no usable training images: every image was skipped")
+        timings["features"] = time.perf_counter() - started
+        self.n_training_images_ = used_images
+        self.extract_timings_ = timings
+        return features[:filled]
+
+    def fit_patches(self, features: np.ndarray) -> "PatchCore":
+        """Choose the memory bank from training patch features made by :meth:`extract_patches`."""
+        self._validate_settings()
+        if not hasattr(self, "embedder_"):
+            raise NotFittedError("fit_patches needs the backbone: call extract_patches(images) first")
+        timings = dict(getattr(self, "extract_timings_", {}))
+        started = time.perf_counter()
+        kept = select_coreset(features, self.coreset_ratio, self.sampler, self.projection_dim, self.seed, self.progress)
+        timings["coreset"] = time.perf_counter() - started
+        self.n_training_patches_ = int(features.shape[0])
+        self.coreset_indices_ = np.sort(kept)
+        started = time.perf_counter()
+        self._set_memory_bank(features[self.coreset_indices_])
+        timings["index"] = time.perf_counter() - started
+        # Patch scores of good training patches: the scale of "normal", for comparing models.
+        rng = np.random.default_rng(self.seed)
+        reference = features[np.sort(rng.choice(len(features), min(len(features), REFERENCE_PATCHES), replace=False))]
+        reference_scores = self.score_patches(reference)[0]
+        self.normal_patch_score_mean_ = float(reference_scores.mean())
+        self.normal_patch_score_std_ = float(max(reference_scores.std(), 1e-12))
+        self.fit_timings_ = timings
+        return self
+
+    def _set_memory_bank(self, memory_bank: np.ndarray) -> None:
+        self.memory_bank_ = np.ascontiguousarray(memory_bank, dtype=np.float32)
+        if self.search_backend in APPROXIMATE_KINDS:
+            self.index_ = ApproximateIndex(self.memory_bank_, self.search_backend, seed=self.seed)
+        else:
+            self.index_ = MemoryBankIndex(self.memory_bank_, self.search_backend)
+
+    # -- inference --------------------------------------------------------------------------
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "memory_bank_"):
+            raise NotFittedError(
+                "this PatchCore model is not fitted yet: call fit(good_images) or PatchCore.load(model_dir) first"
+            )
+
+    def embed(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Patch features ``(batch, grid height, grid width, width)`` of normalised input pixels."""
+        return self.embedder_(pixels)
+
+    def _embed_batches(
+        self, sources: list[ImageSource], description: str, on_error: ErrorHandler | None = None, keep_images: bool = False
+    ) -> Iterator[tuple[LoadedBatch, torch.Tensor]]:
+        return embed_batches(sources, self.transform_, self.embedder_, self.batch_size, description=description,
+                             progress=self.progress, on_error=on_error, keep_images=keep_images)
+
+    def score_patches(self, patch_features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Distance of each patch ``(P, D)`` to its nearest memory-bank vector, and that vector's index."""
+        self._check_fitted()
+        distances, indices = self.index_.search(patch_features, 1)
+        return distances[:, 0], indices[:, 0]
+
+    def image_score(self, patch_scores: np.ndarray, nearest: np.ndarray, patch_features: np.ndarray) -> float:
+        """Image score from one image's patch scores (eq. 7, or the maximum when ``reweight`` is off)."""
+        if not self.reweight:
+            return float(patch_scores.max())
+        return float(reweighted_image_score(patch_scores, nearest, patch_features, self.index_, self.num_neighbours))
+
+    def predict(
+        self, images: ImageSource | Iterable[ImageSource], maps: bool = True, on_error: ErrorHandler | None = None,
+        keep_images: bool = False,
+    ) -> list[Prediction]:
+        """Score images; with ``maps`` also return each anomaly map at the image's original size.
+
+        A bad image raises :class:`ImageLoadError` naming it, unless ``on_error`` takes it (then it
+        is skipped). ``keep_images`` returns each decoded photo with its prediction.
+        """
+        self._check_fitted()
+        return list(self.iter_predict(images, maps, on_error, keep_images))
+
+    def iter_predict(
+        self, images: ImageSource | Iterable[ImageSource], maps: bool = True, on_error: ErrorHandler | None = None,
+        keep_images: bool = False,
+    ) -> Iterator[Prediction]:
+        """As :meth:`predict`, one result at a time, so that long runs keep what is done."""
+        self._check_fitted()
+        sources = expand_sources(images)
+        started = time.perf_counter()
+        for batch, batch_features in self._embed_batches(sources, "predict", on_error, keep_images):
+            backbone_seconds = (time.perf_counter() - started) / len(batch.names)
+            features = batch_features.numpy()
+            for i, name in enumerate(batch.names):
+                patch_features = features[i].reshape(-1, features.shape[-1])
+                t0 = time.perf_counter()
+                patch_scores, nearest = self.score_patches(patch_features)
+                score = self.image_score(patch_scores, nearest, patch_features)
+                t1 = time.perf_counter()
+                grid = patch_scores.reshape(features.shape[1:3])
+                placement = batch.placements[i]
+                pixel_map = anomaly_map(grid, placement, self.smoothing_sigma) if maps else None
+                t2 = time.perf_counter()
+                timings = {"backbone": backbone_seconds, "search": t1 - t0, "map": t2 - t1}
+                image = batch.images[i] if keep_images else None
+                prediction = Prediction(name, score, pixel_map, grid, timings, placement=placement, image=image)
+                yield prediction.decide(getattr(self, "threshold_", None), getattr(self, "pixel_threshold_", None))
+            started = time.perf_counter()
+
+    def anomaly_map_of(self, prediction: Prediction) -> np.ndarray:
+        """The anomaly map of a prediction made with ``maps=False``, over its whole photo."""
+        self._check_fitted()
+        if prediction.placement is None:
+            raise ValueError(f"{prediction.name}: the prediction does not say where its input came from")
+        return anomaly_map(prediction.patch_scores, prediction.placement, self.smoothing_sigma)
+
+    # -- decisions ----------------------------------------------------------------------------
+
+    def set_threshold(self, threshold: float, pixel_threshold: float | None = None, source: str = "user") -> "PatchCore":
+        """Decide ``is_anomalous = score >= threshold``; masks mark pixels ``>= pixel_threshold``
+        (no masks without one: image scores and pixel maps are on different scales)."""
+        self._check_fitted()
+        for name, value in (("threshold", threshold), ("pixel_threshold", pixel_threshold)):
+            if value is not None and not np.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value}")
+        self.threshold_ = float(threshold)
+        self.pixel_threshold_ = None if pixel_threshold is None else float(pixel_threshold)
+        self.threshold_source_ = source
+        return self
+
+    def calibrate_threshold(
+        self,
+        good_images: ImageSource | Iterable[ImageSource],
+        max_false_positive_rate: float = 0.01,
+        max_pixel_false_positive_rate: float = 0.001,
+    ) -> "PatchCore":
+        """Set both thresholds from held-out good images only.
+
+        The image threshold flags at most ``max_false_positive_rate`` of the good images; the pixel
+        threshold flags at most ``max_pixel_false_positive_rate`` of their pixels (measured on the
+        maps at network resolution, whose values the full-size maps only resample).
+        """
+        predictions = self.predict(good_images, maps=False)
+        scores = [p.score for p in predictions]
+        pixels = np.concatenate([network_map(p.patch_scores, p.placement, self.smoothing_sigma).ravel() for p in predictions])
+        return self.set_threshold(
+            flagging_threshold(scores, max_false_positive_rate),
+            flagging_threshold(pixels, max_pixel_false_positive_rate),
+            source=f"{len(scores)} good images: image false-positive rate <= {max_false_positive_rate}, "
+                   f"pixel false-positive rate <= {max_pixel_false_positive_rate}",
+        )
+
+    # -- persistence ------------------------------------------------------------------------
+
+    def save(self, directory: str | os.PathLike) -> None:
+        """Write the fitted model to ``directory`` (safetensors + JSON, atomically replaced)."""
+        self._check_fitted()
+        spec = asdict(self.backbone_spec_)
+        spec.pop("notes", None)
+        persistence.write_model(
+            directory,
+            settings=self.settings(),
+            state={
+                "backbone_spec": spec,
+                "n_training_images": self.n_training_images_,
+                "n_training_patches": self.n_training_patches_,
+                "normal_patch_score_mean": self.normal_patch_score_mean_,
+                "normal_patch_score_std": self.normal_patch_score_std_,
+                "threshold": getattr(self, "threshold_", None),
+                "pixel_threshold": getattr(self, "pixel_threshold_", None),
+                "threshold_source": getattr(self, "threshold_source_", None),
+            },
+            tensors={
+                "memory_bank": {"memory_bank": torch.from_numpy(self.memory_bank_)},
+                "backbone": self.backbone_.network.state_dict(),
+            },
+        )
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> "PatchCore":
+        """Read a model written by :meth:`save`; scores are bit-identical to the saved model's."""
+        manifest, tensors = persistence.read_model(directory)
+        settings = dict(manifest["settings"])
+        settings["progress"] = False
+        if isinstance(settings.get("resize"), list):  # JSON has no tuples
+            settings["resize"] = tuple(settings["resize"])
+        try:
+            model = cls(**settings)
+            state = manifest["state"]
+            spec_fields = dict(state["backbone_spec"])
+            for key in ("layers", "mean", "std"):
+                spec_fields[key] = tuple(spec_fields[key])
+            spec = BackboneSpec(**spec_fields)
+            backbone = build_network(spec)
+            load_into(backbone.network, tensors["backbone"], f"{directory}: backbone weights")
+            model._build(spec, backbone)
+            model.n_training_images_ = state["n_training_images"]
+            model.n_training_patches_ = state["n_training_patches"]
+            # Models saved before these were measured (format 1) compare as unscaled.
+            model.normal_patch_score_mean_ = float(state.get("normal_patch_score_mean", 0.0))
+            model.normal_patch_score_std_ = float(state.get("normal_patch_score_std", 1.0))
+            model._set_memory_bank(tensors["memory_bank"]["memory_bank"].numpy())
+            if state.get("threshold") is not None:
+                model.set_threshold(state["threshold"], state.get("pixel_threshold"), state.get("threshold_source") or "saved")
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelFormatError(f"{directory}: saved model is inconsistent ({type(exc).__name__}: {exc})") from exc
+        return model

@@ -1,0 +1,45 @@
+"""Heat-map overlays: what a person looks at to see where a defect is."""
+
+from __future__ import annotations
+
+import numpy as np
+from matplotlib import colormaps
+from PIL import Image
+
+_JET = (colormaps["jet"](np.linspace(0.0, 1.0, 256))[:, :3] * 255).astype(np.uint8)
+
+
+def colourise(anomaly_map: np.ndarray, low: float, high: float) -> np.ndarray:
+    """An RGB ``uint8`` heat map of ``anomaly_map`` on a fixed scale ``low`` (blue) .. ``high`` (red)."""
+    span = max(high - low, 1e-12)
+    levels = np.clip((anomaly_map - low) / span, 0.0, 1.0)
+    return _JET[np.rint(levels * 255).astype(np.uint8)]
+
+
+def heat_map_overlay(image: Image.Image, anomaly_map: np.ndarray, low: float, high: float, opacity: float = 0.5) -> Image.Image:
+    """``image`` with its heat map blended over it (the map must have the image's size)."""
+    if anomaly_map.shape != (image.height, image.width):
+        raise ValueError(f"anomaly map of shape {anomaly_map.shape} does not fit an image of {image.width}x{image.height}")
+    heat = Image.fromarray(colourise(anomaly_map, low, high), mode="RGB")
+    return Image.blend(image.convert("RGB"), heat, opacity)
+
+
+def side_by_side(left: Image.Image, right: Image.Image, gap: int = 8) -> Image.Image:
+    """Two images next to each other on a white background."""
+    canvas = Image.new("RGB", (left.width + gap + right.width, max(left.height, right.height)), "white")
+    canvas.paste(left.convert("RGB"), (0, 0))
+    canvas.paste(right.convert("RGB"), (left.width + gap, 0))
+    return canvas
+
+
+def heat_scale(normal_mean: float, normal_std: float, pixel_threshold: float | None = None) -> tuple[float, float]:
+    """A fixed colour scale for a model's heat maps, the same for every image it scores.
+
+    Blue is a typical good patch (the mean patch score of good training patches). With a pixel
+    threshold, it sits in the middle of the scale (green) and red means "well above it"; without
+    one, red is eight standard deviations above normal.
+    """
+    low = float(normal_mean)
+    if pixel_threshold is not None and pixel_threshold > low:
+        return low, low + 2.0 * (float(pixel_threshold) - low)
+    return low, low + 8.0 * max(float(normal_std), 1e-12)

@@ -1,0 +1,1 @@
+"""The HTTP inference service: model loading, decoding guards, inference slots, routes, metrics."""

@@ -1,0 +1,117 @@
+"""Scoring uploads within bounded resources: a few inference slots, a bounded wait, one decode each.
+
+At most ``slots`` images are decoded and scored at once, so memory stays bounded. A request that
+finds a free slot runs at once; otherwise it waits, unless ``max_queue`` requests are already
+waiting, and then it is refused (503 with ``Retry-After``) instead of piling up.
+
+The network runs on a fixed pool of ``slots`` threads only: every thread that calls into torch
+keeps its own OpenMP team and oneDNN scratch memory, so running it on the web server's many pool
+threads made the service's memory grow with the number of clients (load test: 1.1 GiB for 50).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from ..engine.images import TooManyPixels, read_image
+from ..errors import ImageLoadError
+from .guard import ServiceError
+from .metrics import Metrics
+from .models import ServedModel
+from .rendering import render_outputs
+
+#: Formats decoded from uploads; anything else is refused without trying other Pillow plugins.
+UPLOAD_FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "WEBP")
+
+
+def default_slots() -> int:
+    """One slot per group of torch threads the machine's cores allow (at least one)."""
+    import torch
+
+    return max(1, (os.cpu_count() or 1) // max(1, torch.get_num_threads()))
+
+
+class InferenceRunner:
+    """Runs :meth:`score` for the web handlers; see the module's description for the limits."""
+
+    def __init__(self, metrics: Metrics, slots: int, max_queue: int, max_image_pixels: int,
+                 max_input_pixels: int, max_map_side: int) -> None:
+        if slots < 1:
+            raise ValueError(f"inference_slots must be at least 1, got {slots}")
+        if max_queue < 0:
+            raise ValueError(f"max_queue must not be negative, got {max_queue}")
+        self.metrics = metrics
+        self.max_queue = max_queue
+        self.max_image_pixels = max_image_pixels
+        self.max_input_pixels = max_input_pixels
+        self.max_map_side = max_map_side
+        self._slots = threading.BoundedSemaphore(slots)
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=slots, thread_name_prefix="patchcore-inference")
+
+    def _take_slot(self) -> None:
+        if self._slots.acquire(blocking=False):
+            return
+        with self._lock:
+            if self.metrics.waiting >= self.max_queue:
+                raise ServiceError(503, "the service is overloaded; retry shortly", {"Retry-After": "1"})
+            self.metrics.waiting += 1
+        try:
+            self._slots.acquire()
+        finally:
+            with self._lock:
+                self.metrics.waiting -= 1
+
+    def score(self, served: ServedModel, data: bytes, name: str, want_map: bool, want_overlay: bool,
+              want_mask: bool) -> dict[str, Any]:
+        """Decode ``data`` once, score it with ``served``, render what was asked for."""
+        queued = time.perf_counter()
+        self._take_slot()
+        try:
+            with self._lock:
+                self.metrics.in_flight += 1
+            timings = {"queue": time.perf_counter() - queued}
+            t0 = time.perf_counter()
+            photo = read_image(data, name=name, max_pixels=self.max_image_pixels, formats=UPLOAD_FORMATS)
+            transform = served.model.transform_
+            height, width = transform.input_size(photo.width, photo.height)
+            if height * width > self.max_input_pixels or transform.resized_pixels(photo.width, photo.height) > self.max_image_pixels:
+                raise ImageLoadError(name, f"image of {photo.width}x{photo.height} pixels would become too large for the "
+                                           f"model after its resize ({width}x{height} network input; limit "
+                                           f"{self.max_input_pixels} pixels): extreme aspect ratio, or a model that keeps "
+                                           "the photo's own size")
+            timings["decode"] = time.perf_counter() - t0
+            need_map = want_map or want_overlay or (want_mask and served.pixel_threshold is not None)
+            prediction = self._pool.submit(served.model.predict, [photo], need_map).result()[0]
+            for stage in ("backbone", "search", "map"):
+                timings[stage] = prediction.timings.get(stage, 0.0)
+            t0 = time.perf_counter()
+            result: dict[str, Any] = {
+                "model": served.name,
+                "score": prediction.score,
+                "is_anomalous": prediction.is_anomalous,
+                "threshold": served.threshold,
+                "width": photo.width,
+                "height": photo.height,
+            }
+            if need_map:
+                result.update(render_outputs(prediction, photo, served.model, self.max_map_side,
+                                             want_map, want_overlay, want_mask))
+            elif want_mask:
+                result["mask_png"] = None
+            timings["encode"] = time.perf_counter() - t0
+            result["timing_ms"] = {stage: round(seconds * 1000.0, 3) for stage, seconds in timings.items()}
+            self.metrics.count_inference(served.name, "ok")
+            return result
+        except ImageLoadError as exc:
+            self.metrics.count_inference(served.name, "bad_image")
+            status = 413 if isinstance(exc, TooManyPixels) else 422
+            raise ServiceError(status, f"cannot use the image: {exc.problem}") from None
+        finally:
+            with self._lock:
+                self.metrics.in_flight -= 1
+            self._slots.release()
