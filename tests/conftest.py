@@ -31,6 +31,38 @@ def product_image(rng: np.random.Generator, size: int | tuple[int, int] = 64,
     return (np.clip(image, 0, 1) * 255).astype(np.uint8)
 
 
+def subtle_defect(image: np.ndarray, kind: str, row: int, col: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A copy of ``image`` with a subtle defect near (row, col), and its mask.
+
+    ``scratch``: a thin diagonal line 40% darker; ``spot``: a soft round spot 30% darker;
+    ``texture``: a patch where the weave runs at twice its frequency. None is saturated: a
+    pipeline must compare local texture to see them.
+    """
+    height, width = image.shape[:2]
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    out = image.astype(np.float32) / 255.0
+    mask = np.zeros((height, width), bool)
+    if kind == "scratch":
+        for t in range(18):
+            r, c = row + t, col + t
+            out[r, c : c + 2] *= 0.6
+            mask[r, c : c + 2] = True
+    elif kind == "spot":
+        distance = np.hypot(y - row, x - col)
+        weight = np.clip(1.0 - distance / 7.0, 0.0, 1.0)
+        out *= (1.0 - 0.3 * weight)[..., None]
+        mask = distance < 6.0
+    elif kind == "texture":
+        region = (slice(row, row + 14), slice(col, col + 14))
+        phase = rng.uniform(0, 2 * np.pi, size=2)
+        texture = 0.5 + 0.25 * np.sin(x[region] * 1.6 + phase[0]) * np.cos(y[region] * 1.6 + phase[1])
+        out[region] = np.stack([texture, texture * 0.9 + 0.05, texture * 0.7 + 0.1], axis=-1)
+        mask[region] = True
+    else:
+        raise ValueError(kind)
+    return (np.clip(out, 0, 1) * 255).astype(np.uint8), mask
+
+
 @pytest.fixture(scope="session")
 def product_images(tmp_path_factory) -> dict[str, list[Path]]:
     """Folders of 12 good training images, 4 good and 4 defective test images (64x64 PNG)."""

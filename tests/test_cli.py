@@ -70,3 +70,36 @@ def test_fit_with_calibration_flags_defects_in_predict(tmp_path, product_images,
     assert [r["is_anomalous"] for r in rows] == ["1"] * 4
     mask = np.asarray(Image.open(tmp_path / "out" / "masks" / "bad_0.png.png"))
     assert mask.shape == (64, 64) and mask[27, 31] == 255 and mask[2, 2] == 0
+
+
+def test_predict_decodes_each_photo_once_and_keeps_extensions_in_output_names(tmp_path, product_images, monkeypatch):
+    import PIL.Image
+
+    train = str(product_images["train"][0].parent)
+    assert main(["fit", train, "-o", str(tmp_path / "model"), "--coreset-ratio", "0.25", "--resize", "64",
+                 "--calibrate", *map(str, product_images["good"])]) == 0
+    source = Image.open(product_images["defective"][0])
+    inputs = []
+    for extension in ("tif", "webp", "bmp"):
+        path = tmp_path / f"x.{extension}"
+        source.save(path, lossless=True) if extension == "webp" else source.save(path)
+        inputs.append(str(path))
+    opened = []
+    original_open = PIL.Image.open
+    monkeypatch.setattr(PIL.Image, "open", lambda fp, *a, **k: opened.append(str(fp)) or original_open(fp, *a, **k))
+    assert main(["predict", str(tmp_path / "model"), *inputs, "-o", str(tmp_path / "out")]) == 0
+    assert sorted(opened) == sorted(inputs)  # scores, maps, overlays and masks from one decode each
+    assert sorted(p.name for p in (tmp_path / "out" / "overlays").iterdir()) == ["x.bmp.png", "x.tif.png", "x.webp.png"]
+    assert sorted(p.name for p in (tmp_path / "out" / "masks").iterdir()) == ["x.bmp.png", "x.tif.png", "x.webp.png"]
+
+
+def test_the_package_sets_a_passive_openmp_wait_policy_unless_the_user_chose_one():
+    import os
+
+    code = "import patchcore, os; print(os.environ['OMP_WAIT_POLICY'])"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          check=True).stdout.strip() == "PASSIVE"
+    env["OMP_WAIT_POLICY"] = "ACTIVE"
+    assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          check=True).stdout.strip() == "ACTIVE"

@@ -48,3 +48,32 @@ def test_seeded_and_sized():
 def test_ratio_out_of_range(ratio):
     with pytest.raises(ValueError, match="coreset ratio"):
         greedy_coreset(np.zeros((10, 4), np.float32), ratio)
+
+
+def test_greedy_is_exact_on_vectors_with_a_large_common_offset():
+    """The expanded distance |p|^2 - 2 p.c + |c|^2 loses precision when every vector shares a large
+    offset; centring first keeps the picks those of float64 greedy."""
+    rng = np.random.default_rng(5)
+    spread = rng.standard_normal((3000, 16)).astype(np.float32)
+    offset = np.float32(300.0) * np.abs(spread).max()
+    shifted = spread + offset
+    picks = greedy_coreset(shifted, 0.1, projection_dim=128, seed=0)
+    first = int(np.random.default_rng(0).integers(len(spread)))
+    expected = [first]
+    nearest = np.full(len(spread), np.inf)
+    points = shifted.astype(np.float64)  # float64 greedy on the very vectors given
+    for _ in range(len(picks) - 1):
+        nearest = np.minimum(nearest, ((points - points[expected[-1]]) ** 2).sum(axis=1))
+        expected.append(int(np.argmax(nearest)))
+    assert picks.tolist() == expected
+
+
+def test_chunked_greedy_above_the_exact_limit_covers_nearly_as_well():
+    rng = np.random.default_rng(6)
+    centres = rng.standard_normal((40, 8)).astype(np.float32) * 5
+    points = centres[rng.integers(40, size=20000)] + rng.standard_normal((20000, 8)).astype(np.float32)
+    exact = greedy_coreset(points, 0.01, seed=0)
+    chunked = greedy_coreset(points, 0.01, seed=0, exact_limit=5000, chunk_size=5000)
+    assert len(chunked) == len(exact) == 200 and len(set(chunked.tolist())) == 200
+    assert coverage_radius(points, chunked) <= 1.25 * coverage_radius(points, exact)
+    assert not np.array_equal(np.sort(chunked), np.sort(exact))  # it is another selection

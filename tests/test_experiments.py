@@ -136,7 +136,7 @@ def test_layers_backbones_and_speed(tiny_root, tmp_path, capsys):
     _run(["experiment", "speed", str(tiny_root), "-o", str(out), "--ratios", "0.25", "--indexes", "exact,hnsw,ivfpq", *FAST], capsys)
     table = _outputs_ok(out, "speed", 3)
     for row in table:
-        assert float(row["ms_backbone"]) > 0 and float(row["ms_search"]) > 0 and float(row["ms_map"]) >= 0
+        assert float(row["ms_backbone"]) > 0 and float(row["ms_search"]) > 0 and float(row["ms_map"]) > 0
         assert float(row["image_auroc"]) >= 0.8
     assert "IVF-PQ" in table[2]["index_description"]
 

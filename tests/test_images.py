@@ -139,3 +139,46 @@ def test_expand_sources_reads_folders_sorted(product_images):
     assert expand_sources(folder) == sorted(product_images["train"])
     with pytest.raises(ValueError, match="no images"):
         expand_sources([])
+
+
+def _rotated_jpeg(path, orientation: int) -> np.ndarray:
+    """Save a 40x20 (width x height) JPEG whose EXIF says 'rotate' (6: 90 degrees clockwise); return its pixels."""
+    pixels = np.zeros((20, 40, 3), np.uint8)
+    pixels[:, :10] = [255, 0, 0]  # red band on the left, as stored
+    image = Image.fromarray(pixels)
+    exif = image.getexif()
+    exif[0x0112] = orientation
+    image.save(path, exif=exif, quality=95)
+    return pixels
+
+
+def test_exif_orientation_is_applied_when_reading_photos_and_masks(tmp_path):
+    from patchcore.evaluation.datasets import TestSample, check_image_file, load_mask
+
+    _rotated_jpeg(tmp_path / "phone.jpg", 6)
+    upright = read_image(tmp_path / "phone.jpg")
+    # Stored 40 wide x 20 high; a viewer shows it turned 90 degrees clockwise: 20 wide, 40 high,
+    # and the red band that was on the left is now at the top.
+    assert upright.size == (20, 40)
+    array = np.asarray(upright).astype(int)
+    assert array[2, 10, 0] > 200 and array[2, 10, 2] < 60 and array[-2, 10, 0] < 60
+    assert read_image((tmp_path / "phone.jpg").read_bytes()).size == (20, 40)  # uploads alike
+    assert check_image_file(tmp_path / "phone.jpg") == (40, 20)  # (height, width), upright
+    mask = np.zeros((20, 40), np.uint8)
+    mask[:, :10] = 255
+    mask_image = Image.fromarray(mask)
+    exif = mask_image.getexif()
+    exif[0x0112] = 6
+    mask_image.save(tmp_path / "phone_mask.png", exif=exif)
+    loaded = load_mask(TestSample(tmp_path / "phone.jpg", 1, "x", tmp_path / "phone_mask.png"))
+    assert loaded.shape == (40, 20) and loaded[:10].all() and not loaded[10:].any()
+
+
+def test_folder_listing_says_what_it_skipped_and_why(tmp_path):
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "a.png")
+    (tmp_path / "gone.png").symlink_to(tmp_path / "deleted.png")
+    (tmp_path / "folder.jpg").mkdir()
+    (tmp_path / "notes.txt").write_text("not an image, not counted")
+    with pytest.warns(UserWarning, match=r"skipped 2 unusable entries: folder\.jpg \(not a regular file\); "
+                                         r"gone\.png \(link to a missing file\)"):
+        assert list_images(tmp_path) == [tmp_path / "a.png"]

@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import numpy as np
-from matplotlib import colormaps
 from PIL import Image
 
-_JET = (colormaps["jet"](np.linspace(0.0, 1.0, 256))[:, :3] * 255).astype(np.uint8)
+
+def _jet(levels: int = 256) -> np.ndarray:
+    """The jet colour map (blue - cyan - yellow - red), as ``levels`` x 3 ``uint8`` RGB rows."""
+    x = np.linspace(0.0, 1.0, levels)[:, None]
+    rgb = np.clip(1.5 - np.abs(4.0 * x - np.array([3.0, 2.0, 1.0])), 0.0, 1.0)
+    return np.rint(rgb * 255).astype(np.uint8)
+
+
+_JET = _jet()
 
 
 def colourise(anomaly_map: np.ndarray, low: float, high: float) -> np.ndarray:

@@ -14,10 +14,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import ImageLoadError
 from ..engine.images import IMAGE_SUFFIXES, list_images
+
+#: EXIF orientation tag; its values 5-8 turn the image by 90 degrees (width and height swap).
+ORIENTATION_TAG = 0x0112
+ROTATED_ORIENTATIONS = frozenset({5, 6, 7, 8})
 
 #: Image modes whose arrays hold mask values directly (others are converted to RGB first).
 _DIRECT_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F", "RGB", "RGBA"})
@@ -75,6 +79,9 @@ def check_image_file(path: str | os.PathLike) -> tuple[int, int]:
         with Image.open(path) as image:
             width, height = image.size
             image.verify()  # checks chunk structure and checksums (PNG) without decoding pixels
+        with Image.open(path) as image:  # verify() spends the file object; the header is cheap to read again
+            if image.getexif().get(ORIENTATION_TAG, 1) in ROTATED_ORIENTATIONS:
+                width, height = height, width  # read upright, as every viewer shows it
     except Image.DecompressionBombError as exc:
         raise ImageLoadError(str(path), f"image is too large to decode safely ({exc})") from exc
     except UnidentifiedImageError:
@@ -314,8 +321,9 @@ def load_folder_layout(
 def _read_mask_array(path: Path) -> np.ndarray:
     """A mask file as a 2-D bool array: any non-zero colour value is anomalous (alpha is ignored)."""
     try:
-        with Image.open(path) as image:
-            image.load()
+        with Image.open(path) as opened:
+            opened.load()
+            image = ImageOps.exif_transpose(opened)  # upright, as its photo is read
             if image.mode in ("P", "PA"):
                 image = image.convert("RGBA")  # palette index 0 need not be black
             elif image.mode not in _DIRECT_MODES:
