@@ -32,8 +32,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"threshold {model.threshold_:.4f}, pixel threshold {model.pixel_threshold_:.4f} ({model.threshold_source_})")
     model.save(args.output)
     timings = ", ".join(f"{k} {v:.1f}s" for k, v in model.fit_timings_.items())
-    print(f"fitted on {model.n_training_images_} images: memory bank {model.memory_bank_.shape[0]} x "
-          f"{model.memory_bank_.shape[1]} ({timings}); saved to {args.output}")
+    features_mib = model.n_training_patches_ * model.memory_bank_.shape[1] * 4 / 2**20
+    print(f"fitted on {model.n_training_images_} images ({model.n_training_patches_} patches, {features_mib:.0f} MiB of "
+          f"features): memory bank {model.memory_bank_.shape[0]} x {model.memory_bank_.shape[1]} "
+          f"({model.memory_bank_.nbytes / 2**20:.1f} MiB; {timings}); saved to {args.output}")
     if skipped and skipped.errors:
         print(f"{len(skipped.errors)} image(s) skipped", file=sys.stderr)
     return 0

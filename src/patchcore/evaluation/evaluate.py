@@ -126,6 +126,10 @@ def evaluate_dataset(model, dataset: Dataset, output: Path | None, eval_size: in
         "n_test_good": int((labels == 0).sum()),
         "n_test_defective": int((labels == 1).sum()),
         "feature_dim": int(model.memory_bank_.shape[1]) if hasattr(model, "memory_bank_") else None,
+        # What fitting held in memory (every training patch's features) and what the model keeps.
+        "feature_matrix_mib": (model.n_training_patches_ * model.memory_bank_.shape[1] * 4 / 2**20
+                               if hasattr(model, "n_training_patches_") else None),
+        "bank_mib": model.memory_bank_.nbytes / 2**20 if hasattr(model, "memory_bank_") else None,
         "fit_timings": {k: float(v) for k, v in getattr(model, "fit_timings_", {}).items()},
         **{f"ms_{stage}": 1000.0 * seconds / len(samples) for stage, seconds in stage_seconds.items()},
     }

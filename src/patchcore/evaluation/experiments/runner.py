@@ -19,7 +19,7 @@ from .tables import METRIC_COLUMNS, markdown_page, table_rows, write_csv
 
 #: Result keys kept for every cell besides :data:`METRIC_COLUMNS`.
 _EXTRA_KEYS = ("pixel_eval_size", "n_train", "feature_dim", "fit_timings", "defect_image_auroc",
-               "ms_backbone", "ms_search", "ms_map")
+               "ms_backbone", "ms_search", "ms_map", "feature_matrix_mib", "bank_mib")
 
 
 def _row(cell: dict, result: dict, model, extras: dict) -> dict:

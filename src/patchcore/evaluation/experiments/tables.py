@@ -46,8 +46,9 @@ def table_rows(name: str, columns: list[str], rows: list[dict]) -> tuple[list[st
     if name == "shots":
         return _shots_table(rows)
     split = ["ms backbone", "ms search", "ms map"] if name in ("speed", "resolution") else []
+    memory = ["features MiB"] if name == "resolution" else []
     coverage = name == "coreset"
-    header = [*columns, "image AUROC", "pixel AUROC", "AUPRO", "fit s", "bank size", "ms/img", *split]
+    header = [*columns, "image AUROC", "pixel AUROC", "AUPRO", "fit s", "bank size", "ms/img", *split, *memory]
     if coverage:
         header.append("coverage radius")
     lines = []
@@ -60,6 +61,7 @@ def table_rows(name: str, columns: list[str], rows: list[dict]) -> tuple[list[st
                        number(row["fit_seconds"], ".1f"), number(row["memory_bank_size"], "d"),
                        number(row["ms_per_image"], ".1f")]
         line += [number(row.get(f"ms_{k}"), ".1f") for k in ("backbone", "search", "map")] if split else []
+        line += [number(row.get("feature_matrix_mib"), ".0f")] if memory else []
         if coverage:
             line.append(number(row.get("coverage_radius"), ".3f"))
         lines.append(line)
