@@ -228,18 +228,8 @@ def load_folder_dataset(
         if masks is not None:
             _require_folder(Path(masks), "mask folder")
             index = _mask_index(Path(masks))
-        unmasked = []
-        for path, size in _checked_images(Path(test_defective), bad):
-            try:
-                mask = _find_mask(index, path, [path.stem, f"{path.stem}_mask"])
-                if mask is not None:
-                    _check_mask_size(path, size, mask)
-            except ImageLoadError as error:
-                bad.report(path, error)
-                continue
-            if mask is None:
-                unmasked.append(path.name)
-            test.append(TestSample(path, 1, defect, mask))
+        samples, unmasked = _defective_samples(Path(test_defective), defect, index, bad)
+        test += samples
         if masks is not None and unmasked:
             warnings.warn(
                 f"{len(unmasked)} defective image(s) have no mask in {masks} (e.g. {unmasked[0]}); "
@@ -301,21 +291,31 @@ def load_folder_layout(
     unmasked = []
     for folder in defect_folders:
         index = {**flat_masks, **_mask_index(Path(masks) / folder.name)} if masks is not None else {}
-        for path, size in _checked_images(folder, bad):
-            try:
-                mask = _find_mask(index, path, [path.stem, f"{path.stem}_mask"])
-                if mask is not None:
-                    _check_mask_size(path, size, mask)
-            except ImageLoadError as error:
-                bad.report(path, error)
-                continue
-            if mask is None:
-                unmasked.append(path.name)
-            test.append(TestSample(path, 1, folder.name, mask))
+        samples, missing = _defective_samples(folder, folder.name, index, bad)
+        test += samples
+        unmasked += missing
     if masks is not None and unmasked:
         warnings.warn(f"{len(unmasked)} defective image(s) have no mask in {masks} (e.g. {unmasked[0]}); "
                       "pixel metrics will be skipped", stacklevel=2)
     return Dataset(root.resolve().name, train_images, test, bad.skipped)
+
+
+def _defective_samples(folder: Path, defect: str, masks: dict[str, list[Path]], bad: _BadFiles) -> tuple[list[TestSample], list[str]]:
+    """The defective images of ``folder``, each with its mask from ``masks`` (by ``<stem>`` or
+    ``<stem>_mask``) when there is one; and the names of those without."""
+    samples, unmasked = [], []
+    for path, size in _checked_images(folder, bad):
+        try:
+            mask = _find_mask(masks, path, [path.stem, f"{path.stem}_mask"])
+            if mask is not None:
+                _check_mask_size(path, size, mask)
+        except ImageLoadError as error:
+            bad.report(path, error)
+            continue
+        if mask is None:
+            unmasked.append(path.name)
+        samples.append(TestSample(path, 1, defect, mask))
+    return samples, unmasked
 
 
 def _read_mask_array(path: Path) -> np.ndarray:
