@@ -29,10 +29,16 @@ def append_cell(path: Path, row: dict) -> None:
 
 
 def same_settings(stored: dict | None, current: dict | None) -> bool:
-    """A stored cell counts as done unless both it and this run name settings and they differ."""
+    """A stored cell counts as done unless both it and this run name a setting and differ in it.
+
+    Settings only one side names (a setting added to the model since) do not count, so that a
+    new setting at its default value keeps earlier cells.
+    """
     if stored is None or current is None:
         return True
-    return json.dumps(stored, sort_keys=True, default=str) == json.dumps(current, sort_keys=True, default=str)
+    shared = sorted(set(stored) & set(current))
+    as_json = lambda settings: json.dumps({key: settings[key] for key in shared}, sort_keys=True, default=str)  # noqa: E731
+    return as_json(stored) == as_json(current)
 
 
 def is_done(row: dict | None, settings: dict | None) -> bool:
