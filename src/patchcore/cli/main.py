@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from .. import __version__
-from ..engine.backbones import REGISTRY
+from ..engine.backbone_specs import REGISTRY
 from ..errors import PatchCoreError
 from . import demo, evaluate, experiment, fit, predict, serve
 

@@ -10,16 +10,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..engine.backbones import REGISTRY
+from ..engine.backbone_specs import REGISTRY
 from ..engine.coreset import MAX_RATIO, MIN_RATIO
 from ..engine.geometry import parse_resize
-from ..engine.model import PRESETS, PatchCore
+from ..engine.settings import DEFAULTS, PRESETS
 from ..errors import ImageLoadError
 
 #: What an option of ``none`` parses to: an explicit "no value", unlike an option not given (``None``).
 EXPLICIT_NONE = "none"
 
-_DEFAULTS = PatchCore().get_params()
 
 
 def ratio(text: str) -> float:
@@ -65,7 +64,7 @@ def names(text: str) -> list[str]:
 
 
 def _default(name: str) -> str:
-    value = _DEFAULTS[name]
+    value = DEFAULTS[name]
     if value is None:
         return "none"
     if isinstance(value, tuple):
@@ -102,9 +101,9 @@ def add_model_options(parser: argparse.ArgumentParser, methods: bool = False) ->
     group.add_argument("--tile-overlap", type=fraction, default=None,
                        help=f"share of a tile's side that neighbouring tiles overlap (default: {_default('tile_overlap')})")
     group.add_argument("--no-reweight", action="store_true", help="image score = plain maximum patch score instead of eq. 7")
-    group.add_argument("--search-backend", choices=("torch", "faiss", "hnsw", "ivfpq"), default=None,
-                       help="nearest-neighbour search: exact with torch (default, faster on CPU) or faiss, "
-                            "or approximate with faiss hnsw / ivfpq (faster for large memory banks)")
+    group.add_argument("--search-backend", choices=("numpy", "faiss", "hnsw", "ivfpq"), default=None,
+                       help="nearest-neighbour search: exact with numpy's BLAS (faster on CPU) or faiss, or approximate "
+                            f"with faiss hnsw / ivfpq (faster for large memory banks) (default: {_default('search_backend')})")
     group.add_argument("--seed", type=int, default=None, help="seed of the coreset selection (default: 0)")
     group.add_argument("--batch-size", type=positive_int, default=None, help=f"images per forward pass (default: {_default('batch_size')})")
     if methods:
@@ -138,6 +137,8 @@ def model_from_args(args: argparse.Namespace, progress: bool = True):
         from ..evaluation.baselines import create_detector
 
         return create_detector(method, progress=progress, **settings)
+    from ..engine.model import PatchCore  # torch: only for the commands that fit
+
     return PatchCore(progress=progress, **settings)
 
 

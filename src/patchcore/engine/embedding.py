@@ -10,10 +10,12 @@ from __future__ import annotations
 
 from typing import Iterator
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .backbones import Backbone, BackboneSpec
+from .backbone_specs import BackboneSpec
+from .backbones import Backbone
 from .features import PatchFeatures
 from .geometry import InputTransform, padded, tile_owner, tile_starts
 from .images import ImageSource, LoadedBatch, iterate_batches
@@ -46,8 +48,9 @@ class PatchEmbedder:
     def width(self) -> int:
         return self.patch_features.width
 
-    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+    def __call__(self, pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
+            pixels = torch.as_tensor(pixels)
             height, width = pixels.shape[-2:]
             if self.tile_size is None or (height <= self.tile_size and width <= self.tile_size):
                 return self.patch_features(self.backbone(pixels))

@@ -21,8 +21,6 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image
 
 #: Smallest input side the transform accepts (pixels).
@@ -125,7 +123,8 @@ class InputTransform:
         new_width, new_height = resized_size(width, height, self.resize)
         return new_width * new_height
 
-    def __call__(self, image: Image.Image) -> tuple[torch.Tensor, Placement]:
+    def __call__(self, image: Image.Image) -> tuple[np.ndarray, Placement]:
+        """The normalised network input ``(3, H, W)`` float32 and where it came from."""
         width, height = image.size
         new_size = resized_size(width, height, self.resize)
         resized = image.resize(new_size, Image.BILINEAR) if new_size != image.size else image
@@ -138,17 +137,15 @@ class InputTransform:
             top = int(round((resized.height - self.crop) / 2.0))
             resized = resized.crop((left, top, left + self.crop, top + self.crop))
         box = (left / scale_x, top / scale_y, (left + resized.width) / scale_x, (top + resized.height) / scale_y)
-        array = np.asarray(resized, dtype=np.float32)
-        pixels = torch.from_numpy(array).permute(2, 0, 1)
-        mean = torch.tensor(self.mean, dtype=torch.float32).view(3, 1, 1)
-        scale = torch.tensor([1.0 / (255.0 * s) for s in self.std], dtype=torch.float32).view(3, 1, 1)
-        pixels = (pixels - 255.0 * mean) * scale
         content = (resized.height, resized.width)
         input_size = (padded(content[0], self.stride), padded(content[1], self.stride))
+        array = np.asarray(resized, dtype=np.uint8)
         if input_size != content:  # repeat the last row / column: no artificial edge for the network
-            pad = (0, input_size[1] - content[1], 0, input_size[0] - content[0])
-            pixels = F.pad(pixels[None], pad, mode="replicate")[0]
-        return pixels.contiguous(), Placement((height, width), box, content, input_size)
+            array = np.pad(array, ((0, input_size[0] - content[0]), (0, input_size[1] - content[1]), (0, 0)), mode="edge")
+        mean = np.float32(255.0) * np.asarray(self.mean, dtype=np.float32)
+        scale = np.float32(1.0) / (np.float32(255.0) * np.asarray(self.std, dtype=np.float32))
+        pixels = (array.astype(np.float32) - mean) * scale  # (H, W, 3)
+        return np.ascontiguousarray(pixels.transpose(2, 0, 1)), Placement((height, width), box, content, input_size)
 
 
 def tile_starts(length: int, tile: int, overlap: int, multiple: int) -> list[int]:

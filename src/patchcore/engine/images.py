@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence, Union
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import ImageLoadError
@@ -205,7 +204,7 @@ class LoadedBatch:
     """A batch of network inputs with what is needed to map results back to each image."""
 
     names: list[str]
-    pixels: torch.Tensor  # (batch, 3, H, W), normalised
+    pixels: np.ndarray  # (batch, 3, H, W) float32, normalised
     placements: list[Placement]
     #: The decoded photos (only when asked for), else ``None`` each.
     images: list[Image.Image | None]
@@ -213,7 +212,7 @@ class LoadedBatch:
 
 def iterate_batches(
     sources: list[ImageSource],
-    transform: Callable[[Image.Image], tuple[torch.Tensor, Placement]],
+    transform: Callable[[Image.Image], tuple[np.ndarray, Placement]],
     batch_size: int,
     workers: int = 2,
     on_error: Callable[[ImageLoadError], None] | None = None,
@@ -266,4 +265,4 @@ def iterate_batches(
 
 def _collate(items: list) -> LoadedBatch:
     names, pixels, placements, images = zip(*items)
-    return LoadedBatch(list(names), torch.stack(pixels), list(placements), list(images))
+    return LoadedBatch(list(names), np.stack(pixels), list(placements), list(images))

@@ -15,7 +15,8 @@ from ..errors import ModelFormatError, NotFittedError
 from . import persistence
 from .approximate_search import KINDS as APPROXIMATE_KINDS
 from .approximate_search import ApproximateIndex
-from .backbones import DEFAULT_BACKBONE, IMAGENET_WEIGHTS, BackboneSpec, build_network, create_backbone, resolve_spec
+from .backbone_specs import BackboneSpec, resolve_spec
+from .backbones import build_network, create_backbone
 from .coreset import SAMPLERS, coreset_size, select_coreset
 from .embedding import embed_batches, feature_pipeline
 from .geometry import parse_resize
@@ -23,18 +24,12 @@ from .images import ImageSource, LoadedBatch, expand_sources
 from .prediction import ErrorHandler, Prediction
 from .scoring import anomaly_map, network_map, reweighted_image_score
 from .search import BACKENDS, MemoryBankIndex
+from .settings import DEFAULTS, PRESETS  # noqa: F401  (PRESETS: part of this module's API)
 from .thresholds import flagging_threshold
 from .weights import load_into
 
 #: Training patches drawn (seeded) to measure the scale of normal patch scores after fitting.
 REFERENCE_PATCHES = 10_000
-
-#: Named settings one option away (``--preset``). ``paper``: the paper's MVTec AD protocol, shorter
-#: side 256 and a centred 224x224 crop with a 10% memory bank, for figures comparable with the paper's.
-PRESETS: dict[str, dict[str, Any]] = {
-    "paper": {"resize": 256, "crop": 224, "coreset_ratio": 0.1},
-}
-
 
 class PatchCore(BaseEstimator):
     """PatchCore anomaly detector (Roth et al., CVPR 2022).
@@ -62,34 +57,34 @@ class PatchCore(BaseEstimator):
     smoothing_sigma: Gaussian smoothing of the anomaly map, in network-input pixels (paper: 4).
     weights: ``"imagenet"`` (packaged or downloaded), a local state-dict file, or ``"random"``.
     feature_location: timm feature location, e.g. ``"expansion"`` for EfficientNets (default per backbone).
-    search_backend: exact nearest-neighbour search with ``"torch"`` (faster here) or ``"faiss"`` (IndexFlatL2),
+    search_backend: exact nearest-neighbour search with ``"numpy"`` (blocked BLAS products, faster here) or ``"faiss"`` (IndexFlatL2),
         or approximate search with faiss ``"hnsw"`` or ``"ivfpq"`` (faster for large banks, scores may rise slightly).
     batch_size, seed, progress: images per forward pass, coreset seed, progress bars.
     """
 
     def __init__(
         self,
-        backbone: str = DEFAULT_BACKBONE,
-        layers: Sequence[str] | None = None,
+        backbone: str = DEFAULTS["backbone"],
+        layers: Sequence[str] | None = DEFAULTS["layers"],
         *,
-        feature_width: int | None = None,
-        neighbourhood: int = 3,
-        coreset_ratio: float = 0.1,
-        sampler: str = "greedy",
-        projection_dim: int = 128,
-        num_neighbours: int = 9,
-        reweight: bool = True,
-        resize: int | tuple[int, int] | None = 256,
-        crop: int | None = None,
-        tile_size: int | None = None,
-        tile_overlap: float = 0.25,
-        smoothing_sigma: float = 4.0,
-        weights: str | os.PathLike = IMAGENET_WEIGHTS,
-        feature_location: str | None = None,
-        search_backend: str = "torch",
-        batch_size: int = 8,
-        seed: int = 0,
-        progress: bool = False,
+        feature_width: int | None = DEFAULTS["feature_width"],
+        neighbourhood: int = DEFAULTS["neighbourhood"],
+        coreset_ratio: float = DEFAULTS["coreset_ratio"],
+        sampler: str = DEFAULTS["sampler"],
+        projection_dim: int = DEFAULTS["projection_dim"],
+        num_neighbours: int = DEFAULTS["num_neighbours"],
+        reweight: bool = DEFAULTS["reweight"],
+        resize: int | tuple[int, int] | None = DEFAULTS["resize"],
+        crop: int | None = DEFAULTS["crop"],
+        tile_size: int | None = DEFAULTS["tile_size"],
+        tile_overlap: float = DEFAULTS["tile_overlap"],
+        smoothing_sigma: float = DEFAULTS["smoothing_sigma"],
+        weights: str | os.PathLike = DEFAULTS["weights"],
+        feature_location: str | None = DEFAULTS["feature_location"],
+        search_backend: str = DEFAULTS["search_backend"],
+        batch_size: int = DEFAULTS["batch_size"],
+        seed: int = DEFAULTS["seed"],
+        progress: bool = DEFAULTS["progress"],
     ) -> None:
         self.backbone = backbone
         self.layers = layers
@@ -363,8 +358,10 @@ class PatchCore(BaseEstimator):
                 "threshold_source": getattr(self, "threshold_source_", None),
             },
             tensors={
-                "memory_bank": {"memory_bank": torch.from_numpy(self.memory_bank_)},
-                "backbone": self.backbone_.network.state_dict(),
+                "memory_bank": {"memory_bank": self.memory_bank_},
+                # Batch-norm step counters only matter for training (and are 0-d, which numpy files widen).
+                "backbone": {name: value.detach().cpu().numpy() for name, value in self.backbone_.network.state_dict().items()
+                             if not name.endswith("num_batches_tracked")},
             },
         )
 
@@ -384,14 +381,15 @@ class PatchCore(BaseEstimator):
                 spec_fields[key] = tuple(spec_fields[key])
             spec = BackboneSpec(**spec_fields)
             backbone = build_network(spec)
-            load_into(backbone.network, tensors["backbone"], f"{directory}: backbone weights")
+            weights = {name: torch.from_numpy(value) for name, value in tensors["backbone"].items()}
+            load_into(backbone.network, weights, f"{directory}: backbone weights")
             model._build(spec, backbone)
             model.n_training_images_ = state["n_training_images"]
             model.n_training_patches_ = state["n_training_patches"]
             # Models saved before these were measured (format 1) compare as unscaled.
             model.normal_patch_score_mean_ = float(state.get("normal_patch_score_mean", 0.0))
             model.normal_patch_score_std_ = float(state.get("normal_patch_score_std", 1.0))
-            model._set_memory_bank(tensors["memory_bank"]["memory_bank"].numpy())
+            model._set_memory_bank(tensors["memory_bank"]["memory_bank"])
             if state.get("threshold") is not None:
                 model.set_threshold(state["threshold"], state.get("pixel_threshold"), state.get("threshold_source") or "saved")
         except (KeyError, TypeError, ValueError) as exc:

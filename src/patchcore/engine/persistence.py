@@ -22,8 +22,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-from safetensors.torch import load_file, save_file
+import numpy as np
+from safetensors.numpy import load_file, save_file
 
 from ..errors import ModelFormatError
 
@@ -54,7 +54,7 @@ def write_model(
     directory: str | os.PathLike,
     settings: dict[str, Any],
     state: dict[str, Any],
-    tensors: dict[str, dict[str, torch.Tensor]],
+    tensors: dict[str, dict[str, np.ndarray]],
     extra: dict[str, Any] | None = None,
 ) -> Path:
     """Write a model directory; ``tensors`` maps a file role to the tensors of that file."""
@@ -67,7 +67,7 @@ def write_model(
         with tempfile.NamedTemporaryFile(dir=directory, prefix=f".{role}-", suffix=".tmp", delete=False) as handle:
             temporary = Path(handle.name)
         try:
-            save_file({k: v.detach().contiguous().cpu() for k, v in contents.items()}, str(temporary))
+            save_file({k: np.ascontiguousarray(v) for k, v in contents.items()}, str(temporary))
             _fsync(temporary)
             checksum = _sha256(temporary)
             final = directory / f"{role}-{checksum[:16]}.safetensors"
@@ -125,7 +125,7 @@ def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
     return manifest
 
 
-def read_model(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]]]:
+def read_model(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, dict[str, np.ndarray]]]:
     """The manifest and tensors of a model directory, after checking every file's SHA-256."""
     directory = Path(directory)
     manifest = read_manifest(directory)

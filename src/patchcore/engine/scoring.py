@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
 from .geometry import Placement
@@ -41,6 +39,27 @@ def reweighted_image_score(
     return weight * best_score
 
 
+def _taps(source: int, target: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For each of ``target`` output positions: the two source positions and the second one's weight
+    (pixel centres aligned, as ``torch.nn.functional.interpolate(..., align_corners=False)``)."""
+    position = (np.arange(target, dtype=np.float64) + 0.5) * (source / target) - 0.5
+    position = np.clip(position, 0.0, source - 1)
+    low = np.floor(position).astype(np.int64)
+    high = np.minimum(low + 1, source - 1)
+    return low, high, (position - low).astype(np.float32)
+
+
+def resize_bilinear(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize of a 2-D float array to ``size`` = (height, width), float32."""
+    array = np.asarray(array, dtype=np.float32)
+    if array.shape == tuple(size):
+        return array.copy()
+    low, high, weight = _taps(array.shape[0], size[0])
+    rows = array[low] * (1.0 - weight)[:, None] + array[high] * weight[:, None]
+    low, high, weight = _taps(array.shape[1], size[1])
+    return rows[:, low] * (1.0 - weight) + rows[:, high] * weight
+
+
 def network_map(patch_scores: np.ndarray, placement: Placement, sigma: float = 4.0) -> np.ndarray:
     """Patch-score grid -> smoothed map at network resolution over the part of the input that
     shows the photo (padding cut off), float32.
@@ -49,8 +68,7 @@ def network_map(patch_scores: np.ndarray, placement: Placement, sigma: float = 4
     input pixels. Its values are distributed as the full-size map's (which only resizes it), so
     pixel thresholds are calibrated on it at a fraction of the cost.
     """
-    grid = torch.from_numpy(np.ascontiguousarray(patch_scores, dtype=np.float32))[None, None]
-    upsampled = F.interpolate(grid, size=placement.input_size, mode="bilinear", align_corners=False)[0, 0].numpy()
+    upsampled = resize_bilinear(patch_scores, placement.input_size)
     smoothed = gaussian_filter(upsampled, sigma=sigma) if sigma > 0 else upsampled
     content_height, content_width = placement.content_size
     return np.ascontiguousarray(smoothed[:content_height, :content_width])
@@ -69,12 +87,7 @@ def anomaly_map(patch_scores: np.ndarray, placement: Placement, sigma: float = 4
     box_left, box_top, box_right, box_bottom = placement.box
     left, right = max(0, round(box_left)), min(width, max(round(box_right), round(box_left) + 1))
     top, bottom = max(0, round(box_top)), min(height, max(round(box_bottom), round(box_top) + 1))
-    if (bottom - top, right - left) == smoothed.shape:
-        inside = smoothed
-    else:
-        inside = F.interpolate(
-            torch.from_numpy(smoothed)[None, None], size=(bottom - top, right - left), mode="bilinear", align_corners=False
-        )[0, 0].numpy()
+    inside = resize_bilinear(smoothed, (bottom - top, right - left))
     if (top, left, bottom, right) == (0, 0, height, width):
         return inside
     return np.pad(inside, ((top, height - bottom), (left, width - right)), mode="edge")

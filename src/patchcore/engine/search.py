@@ -2,10 +2,13 @@
 
 Two exact L2 back ends give the same neighbours (up to float rounding of ties):
 
-- ``"torch"`` (default): blocked matrix products ``|b|^2 - 2 q.b`` and a running minimum. On this
-  project's reference CPU it was 4-5x faster than faiss for PatchCore's shapes (784 queries, a
-  bank of 10^3-10^5 vectors of 152-1024 dims): the faiss-cpu wheel's bundled OpenBLAS does not
-  recognise recent Xeons and its top-1 pass dominates (see ``benchmarks/bench_search.py``).
+- ``"numpy"`` (default): blocked matrix products ``|b|^2 - 2 q.b`` with numpy's BLAS and a
+  running minimum, on vectors centred on the bank's mean (which keeps the expanded form precise).
+  On this project's reference CPU it was 4-5x faster than faiss for PatchCore's shapes (784
+  queries, a bank of 10^3-10^5 vectors of 152-1024 dims): the faiss-cpu wheel's bundled OpenBLAS
+  does not recognise recent Xeons and its top-1 pass dominates; torch's GEMM was within 10%.
+  It needs no torch, so the exported runtime searches the same way. ``"torch"``, the name
+  models saved before version 0.2 carry, means the same.
 - ``"faiss"``: ``faiss.IndexFlatL2``, the paper's choice.
 
 Distances are returned as L2, not squared.
@@ -14,15 +17,14 @@ Distances are returned as L2, not squared.
 from __future__ import annotations
 
 import numpy as np
-import torch
 
-BACKENDS = ("torch", "faiss")
+BACKENDS = ("numpy", "faiss", "torch")
 
 
 class MemoryBankIndex:
     """Exact L2 k-nearest-neighbour search over the rows of ``memory_bank``."""
 
-    def __init__(self, memory_bank: np.ndarray, backend: str = "torch", block_size: int = 4096) -> None:
+    def __init__(self, memory_bank: np.ndarray, backend: str = "numpy", block_size: int = 4096) -> None:
         if memory_bank.ndim != 2 or memory_bank.shape[0] == 0:
             raise ValueError(f"memory bank must be a non-empty 2-D array, got shape {memory_bank.shape}")
         if backend not in BACKENDS:
@@ -36,12 +38,10 @@ class MemoryBankIndex:
             self._faiss = faiss.IndexFlatL2(self.memory_bank.shape[1])
             self._faiss.add(self.memory_bank)
         else:
-            # Centred on the bank's mean: distances are unchanged, but |q|^2 and |b|^2 shrink to the
-            # scale of the distances themselves, so the expanded form below keeps its precision.
-            self._centre = torch.from_numpy(self.memory_bank.mean(axis=0, dtype=np.float64).astype(np.float32))
-            bank = torch.from_numpy(self.memory_bank) - self._centre
-            self._bank_t = bank.T.contiguous()  # (D, N): each block is a contiguous column slice
-            self._bank_norms = (bank * bank).sum(dim=1)
+            self._centre = self.memory_bank.mean(axis=0, dtype=np.float64).astype(np.float32)
+            bank = self.memory_bank - self._centre
+            self._bank_t = np.ascontiguousarray(bank.T)  # (D, N): each block is a contiguous column slice
+            self._bank_norms = np.einsum("ij,ij->i", bank, bank)
 
     @property
     def size(self) -> int:
@@ -54,30 +54,22 @@ class MemoryBankIndex:
         if self.backend == "faiss":
             squared, indices = self._faiss.search(queries, k)
             return np.sqrt(np.maximum(squared, 0.0)), indices
-        return self._torch_search(torch.from_numpy(queries) - self._centre, k)
-
-    def _torch_search(self, queries: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
+        queries = queries - self._centre
         best_values = best_indices = None
-        with torch.inference_mode():
-            for start in range(0, self.size, self.block_size):
-                stop = min(start + self.block_size, self.size)
-                # |q - b|^2 - |q|^2 = |b|^2 - 2 q.b ; |q|^2 is added once at the end.
-                partial = torch.addmm(self._bank_norms[start:stop][None, :], queries, self._bank_t[:, start:stop], alpha=-2.0)
-                if k == 1:
-                    values, indices = partial.min(dim=1, keepdim=True)
-                else:
-                    values, indices = partial.topk(min(k, stop - start), dim=1, largest=False)
-                indices = indices + start
-                if best_values is None:
-                    best_values, best_indices = values, indices
-                elif k == 1:
-                    closer = values < best_values
-                    best_values = torch.where(closer, values, best_values)
-                    best_indices = torch.where(closer, indices, best_indices)
-                else:
-                    merged_values = torch.cat([best_values, values], dim=1)
-                    merged_indices = torch.cat([best_indices, indices], dim=1)
-                    best_values, order = merged_values.topk(k, dim=1, largest=False)
-                    best_indices = merged_indices.gather(1, order)
-            squared = best_values + (queries * queries).sum(dim=1, keepdim=True)
-            return torch.sqrt(squared.clamp_min(0.0)).numpy(), best_indices.numpy()
+        for start in range(0, self.size, self.block_size):
+            stop = min(start + self.block_size, self.size)
+            # |q - b|^2 - |q|^2 = |b|^2 - 2 q.b ; |q|^2 is added once at the end.
+            partial = self._bank_norms[None, start:stop] - 2.0 * (queries @ self._bank_t[:, start:stop])
+            if k == 1:
+                indices = partial.argmin(axis=1)[:, None]
+            else:
+                indices = np.argpartition(partial, min(k, stop - start) - 1, axis=1)[:, : min(k, stop - start)]
+            values = np.take_along_axis(partial, indices, axis=1)
+            indices = indices + start
+            if best_values is not None:
+                values = np.concatenate([best_values, values], axis=1)
+                indices = np.concatenate([best_indices, indices], axis=1)
+            order = np.argsort(values, axis=1, kind="stable")[:, :k]
+            best_values, best_indices = np.take_along_axis(values, order, axis=1), np.take_along_axis(indices, order, axis=1)
+        squared = best_values + np.einsum("ij,ij->i", queries, queries)[:, None]
+        return np.sqrt(np.maximum(squared, 0.0)), best_indices

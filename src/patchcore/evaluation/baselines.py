@@ -30,7 +30,8 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from ..engine.backbones import DEFAULT_BACKBONE, IMAGENET_WEIGHTS, create_backbone, resolve_spec
+from ..engine.backbone_specs import DEFAULT_BACKBONE, IMAGENET_WEIGHTS, resolve_spec
+from ..engine.backbones import create_backbone
 from ..errors import NotFittedError
 from ..engine.images import ImageSource, expand_sources
 from ..engine.embedding import embed_batches, feature_pipeline
@@ -97,7 +98,7 @@ class _FeatureDetector:
         # The stages are needed besides the patch features: embed with the network's pieces.
         def embedder(pixels):
             with torch.inference_mode():
-                stages = self.backbone_(pixels)
+                stages = self.backbone_(torch.from_numpy(pixels))
                 return stages, self.patch_features_(stages)
 
         for batch, (stages, features) in embed_batches(sources, self.transform_, embedder, self.batch_size,

@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ...engine.backbones import feature_stages, resolve_spec
+from ...engine.backbone_specs import feature_stages, resolve_spec
 from ...engine.coreset import SAMPLERS, coverage_radius
 from ...engine.ensemble import PatchCoreEnsemble
 from ...engine.geometry import parse_resize
@@ -24,7 +24,7 @@ from .plots import bar_plot, plot_coreset, plot_shots, plot_speed
 
 EXPERIMENTS = ("coreset", "layers", "backbones", "speed", "shots", "methods", "resolution")
 #: The speed experiment's index names -> PatchCore's search back ends.
-INDEXES = {"exact": "torch", "hnsw": "hnsw", "ivfpq": "ivfpq"}
+INDEXES = {"exact": "numpy", "hnsw": "hnsw", "ivfpq": "ivfpq"}
 GEOMETRIES = ("whole", "crop", "tiled")
 #: Coverage radius (largest distance of a training patch to the bank) is measured for a cell
 #: only when training patches x bank size is at most this (it is an exact search of every patch).
@@ -136,7 +136,7 @@ def build_spec(name: str, options: ExperimentOptions, base: dict) -> Spec:
         return Spec(name, cells, lambda c: patchcore(coreset_ratio=c["ratio"], search_backend=INDEXES[c["index"]]),
                     ["ratio", "index"], plot_speed,
                     notes=["Per-image time split (ms): backbone forward pass (its share of the batch), "
-                           "nearest-neighbour search with the eq. 7 re-weighting, anomaly map. exact = torch "
+                           "nearest-neighbour search with the eq. 7 re-weighting, anomaly map. exact = numpy "
                            "MemoryBankIndex; hnsw = faiss HNSW; ivfpq = faiss IVF-PQ (as the paper).", ""])
     if name == "shots":
         cells = [{"shots": k, "seed": s} for k in options.shots for s in range(options.seeds)]
