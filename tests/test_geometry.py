@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
@@ -10,8 +9,9 @@ from torch import nn
 from conftest import product_image
 from patchcore import PatchCore
 from patchcore.engine.backbones import Backbone
-from patchcore.engine.embedding import PatchEmbedder
+from patchcore.engine.embedding import PatchNetwork
 from patchcore.engine.features import PatchFeatures
+from patchcore.engine.tiling import TiledEmbedding
 from patchcore.engine.geometry import parse_resize, tile_owner, tile_starts
 
 
@@ -45,17 +45,16 @@ class _LocalNetwork(nn.Module):
 
 
 def test_tiled_features_equal_whole_image_features_for_a_local_network():
-    backbone = Backbone(_LocalNetwork(), channels=[3, 3], strides=[8, 16])
-    features = PatchFeatures([3, 3], None, 3)
-    whole = PatchEmbedder(backbone, features)
-    tiled = PatchEmbedder(backbone, features, tile_size=128, tile_overlap=0.5)
-    pixels = torch.rand(2, 3, 256, 400)
+    network = PatchNetwork(Backbone(_LocalNetwork(), channels=[3, 3], strides=[8, 16]), PatchFeatures([3, 3], None, 3))
+    whole = TiledEmbedding(network.numpy, network.stride, network.cell)
+    tiled = TiledEmbedding(network.numpy, network.stride, network.cell, tile_size=128, tile_overlap=0.5)
+    pixels = np.random.default_rng(0).random((2, 3, 256, 400), dtype=np.float32)
     expected = whole(pixels)
     stitched = tiled(pixels)
     assert stitched.shape == expected.shape == (2, 32, 50, 6)
     # Owned cells lie >= 32 px from a tile's inner borders, beyond this network's reach (3x3 of
     # stride-16 cells, then a bilinear resize): the stitched grid is the whole-image grid.
-    torch.testing.assert_close(stitched, expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(stitched, expected, rtol=1e-5, atol=1e-6)
 
 
 @pytest.fixture(scope="module")

@@ -67,7 +67,7 @@ def test_image_score_is_the_papers_eq_7_computed_by_brute_force(product_images, 
 
     image = read_image(product_images["defective"][1])
     pixels, _ = fitted_model.transform_(image)
-    patches = fitted_model.embed(pixels[None])[0].reshape(-1, fitted_model.memory_bank_.shape[1]).numpy().astype(np.float64)
+    patches = fitted_model.embed(pixels[None])[0].reshape(-1, fitted_model.memory_bank_.shape[1]).astype(np.float64)
     bank = fitted_model.memory_bank_.astype(np.float64)
     distances = np.linalg.norm(patches[:, None, :] - bank[None, :, :], axis=2)  # every patch to every bank vector
     worst = int(np.argmax(distances.min(axis=1)))

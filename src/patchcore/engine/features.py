@@ -51,10 +51,16 @@ class PatchFeatures(nn.Module):
             raise ValueError(f"neighbourhood must be an odd number >= 1, got {neighbourhood}")
         self.neighbourhood = neighbourhood
         self.widths = layer_widths(channels, feature_width)
-        self.pooling = [
-            None if width == c else channel_pooling_matrix(c, width)
-            for c, width in zip(channels, self.widths)
-        ]
+        # Buffers, so that they follow the module to another device and into an exported graph.
+        self.pooled = [width != c for c, width in zip(channels, self.widths)]
+        for i, (c, width) in enumerate(zip(channels, self.widths)):
+            if width != c:
+                self.register_buffer(f"pooling_{i}", channel_pooling_matrix(c, width), persistent=False)
+
+    @property
+    def pooling(self) -> list[torch.Tensor | None]:
+        """Per stage, its ``(out, in)`` channel-pooling matrix, or ``None`` when it keeps every channel."""
+        return [getattr(self, f"pooling_{i}") if pooled else None for i, pooled in enumerate(self.pooled)]
 
     @property
     def width(self) -> int:

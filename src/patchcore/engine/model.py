@@ -14,24 +14,22 @@ from sklearn.base import BaseEstimator
 from ..errors import ModelFormatError, NotFittedError
 from . import persistence
 from .approximate_search import KINDS as APPROXIMATE_KINDS
-from .approximate_search import ApproximateIndex
 from .backbone_specs import BackboneSpec, resolve_spec
 from .backbones import build_network, create_backbone
 from .coreset import SAMPLERS, coreset_size, select_coreset
-from .embedding import embed_batches, feature_pipeline
+from .detector import Detector, embed_batches
+from .embedding import feature_pipeline
 from .geometry import parse_resize
-from .images import ImageSource, LoadedBatch, expand_sources
-from .prediction import ErrorHandler, Prediction
-from .scoring import anomaly_map, network_map, reweighted_image_score
-from .search import BACKENDS, MemoryBankIndex
+from .images import ImageSource, expand_sources
+from .prediction import ErrorHandler
+from .search import BACKENDS
 from .settings import DEFAULTS, PRESETS  # noqa: F401  (PRESETS: part of this module's API)
-from .thresholds import flagging_threshold
 from .weights import load_into
 
 #: Training patches drawn (seeded) to measure the scale of normal patch scores after fitting.
 REFERENCE_PATCHES = 10_000
 
-class PatchCore(BaseEstimator):
+class PatchCore(BaseEstimator, Detector):
     """PatchCore anomaly detector (Roth et al., CVPR 2022).
 
     Fit it on images of good products only; it then scores new images (higher = more anomalous)
@@ -142,7 +140,7 @@ class PatchCore(BaseEstimator):
         """Set the fitted pieces that follow from the settings and the backbone."""
         self.backbone_spec_ = spec
         self.backbone_ = backbone
-        self.embedder_, self.transform_ = feature_pipeline(
+        self.network_, self.embedding_, self.transform_ = feature_pipeline(
             spec, backbone, self.feature_width, self.neighbourhood, self.resize, self.crop,
             self.tile_size, self.tile_overlap, self.batch_size,
         )
@@ -167,7 +165,7 @@ class PatchCore(BaseEstimator):
         """
         self._validate_settings()
         timings: dict[str, float] = {}
-        if not hasattr(self, "embedder_"):
+        if not hasattr(self, "embedding_"):
             started = time.perf_counter()
             spec = resolve_spec(self.backbone, self.layers, self.feature_location)
             self._build(spec, create_backbone(spec, self.weights))
@@ -176,8 +174,9 @@ class PatchCore(BaseEstimator):
         started = time.perf_counter()
         features = None
         filled = used_images = 0
-        for batch, batch_features in self._embed_batches(sources, "features", on_error):
-            flat = batch_features.reshape(-1, batch_features.shape[-1]).numpy()
+        for batch, batch_features in embed_batches(sources, self.transform_, self.embedding_, self.batch_size,
+                                                   progress=self.progress, on_error=on_error):
+            flat = batch_features.reshape(-1, batch_features.shape[-1])
             if features is None:  # sized from the first batch: peak memory stays near the feature matrix
                 per_image = len(flat) // len(batch.names)
                 features = np.empty((len(sources) * per_image, flat.shape[1]), dtype=np.float32)
@@ -198,7 +197,7 @@ class PatchCore(BaseEstimator):
     def fit_patches(self, features: np.ndarray) -> "PatchCore":
         """Choose the memory bank from training patch features made by :meth:`extract_patches`."""
         self._validate_settings()
-        if not hasattr(self, "embedder_"):
+        if not hasattr(self, "embedding_"):
             raise NotFittedError("fit_patches needs the backbone: call extract_patches(images) first")
         timings = dict(getattr(self, "extract_timings_", {}))
         started = time.perf_counter()
@@ -218,124 +217,9 @@ class PatchCore(BaseEstimator):
         self.fit_timings_ = timings
         return self
 
-    def _set_memory_bank(self, memory_bank: np.ndarray) -> None:
-        self.memory_bank_ = np.ascontiguousarray(memory_bank, dtype=np.float32)
-        if self.search_backend in APPROXIMATE_KINDS:
-            self.index_ = ApproximateIndex(self.memory_bank_, self.search_backend, seed=self.seed)
-        else:
-            self.index_ = MemoryBankIndex(self.memory_bank_, self.search_backend)
-
-    # -- inference --------------------------------------------------------------------------
-
-    def _check_fitted(self) -> None:
-        if not hasattr(self, "memory_bank_"):
-            raise NotFittedError(
-                "this PatchCore model is not fitted yet: call fit(good_images) or PatchCore.load(model_dir) first"
-            )
-
-    def embed(self, pixels: torch.Tensor) -> torch.Tensor:
+    def embed(self, pixels: np.ndarray) -> np.ndarray:
         """Patch features ``(batch, grid height, grid width, width)`` of normalised input pixels."""
-        return self.embedder_(pixels)
-
-    def _embed_batches(
-        self, sources: list[ImageSource], description: str, on_error: ErrorHandler | None = None, keep_images: bool = False
-    ) -> Iterator[tuple[LoadedBatch, torch.Tensor]]:
-        return embed_batches(sources, self.transform_, self.embedder_, self.batch_size, description=description,
-                             progress=self.progress, on_error=on_error, keep_images=keep_images)
-
-    def score_patches(self, patch_features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Distance of each patch ``(P, D)`` to its nearest memory-bank vector, and that vector's index."""
-        self._check_fitted()
-        distances, indices = self.index_.search(patch_features, 1)
-        return distances[:, 0], indices[:, 0]
-
-    def image_score(self, patch_scores: np.ndarray, nearest: np.ndarray, patch_features: np.ndarray) -> float:
-        """Image score from one image's patch scores (eq. 7, or the maximum when ``reweight`` is off)."""
-        if not self.reweight:
-            return float(patch_scores.max())
-        return float(reweighted_image_score(patch_scores, nearest, patch_features, self.index_, self.num_neighbours))
-
-    def predict(
-        self, images: ImageSource | Iterable[ImageSource], maps: bool = True, on_error: ErrorHandler | None = None,
-        keep_images: bool = False,
-    ) -> list[Prediction]:
-        """Score images; with ``maps`` also return each anomaly map at the image's original size.
-
-        A bad image raises :class:`ImageLoadError` naming it, unless ``on_error`` takes it (then it
-        is skipped). ``keep_images`` returns each decoded photo with its prediction.
-        """
-        self._check_fitted()
-        return list(self.iter_predict(images, maps, on_error, keep_images))
-
-    def iter_predict(
-        self, images: ImageSource | Iterable[ImageSource], maps: bool = True, on_error: ErrorHandler | None = None,
-        keep_images: bool = False,
-    ) -> Iterator[Prediction]:
-        """As :meth:`predict`, one result at a time, so that long runs keep what is done."""
-        self._check_fitted()
-        sources = expand_sources(images)
-        started = time.perf_counter()
-        for batch, batch_features in self._embed_batches(sources, "predict", on_error, keep_images):
-            backbone_seconds = (time.perf_counter() - started) / len(batch.names)
-            features = batch_features.numpy()
-            for i, name in enumerate(batch.names):
-                patch_features = features[i].reshape(-1, features.shape[-1])
-                t0 = time.perf_counter()
-                patch_scores, nearest = self.score_patches(patch_features)
-                score = self.image_score(patch_scores, nearest, patch_features)
-                t1 = time.perf_counter()
-                grid = patch_scores.reshape(features.shape[1:3])
-                placement = batch.placements[i]
-                pixel_map = anomaly_map(grid, placement, self.smoothing_sigma) if maps else None
-                t2 = time.perf_counter()
-                timings = {"backbone": backbone_seconds, "search": t1 - t0, "map": t2 - t1}
-                image = batch.images[i] if keep_images else None
-                prediction = Prediction(name, score, pixel_map, grid, timings, placement=placement, image=image)
-                yield prediction.decide(getattr(self, "threshold_", None), getattr(self, "pixel_threshold_", None))
-            started = time.perf_counter()
-
-    def anomaly_map_of(self, prediction: Prediction) -> np.ndarray:
-        """The anomaly map of a prediction made with ``maps=False``, over its whole photo."""
-        self._check_fitted()
-        if prediction.placement is None:
-            raise ValueError(f"{prediction.name}: the prediction does not say where its input came from")
-        return anomaly_map(prediction.patch_scores, prediction.placement, self.smoothing_sigma)
-
-    # -- decisions ----------------------------------------------------------------------------
-
-    def set_threshold(self, threshold: float, pixel_threshold: float | None = None, source: str = "user") -> "PatchCore":
-        """Decide ``is_anomalous = score >= threshold``; masks mark pixels ``>= pixel_threshold``
-        (no masks without one: image scores and pixel maps are on different scales)."""
-        self._check_fitted()
-        for name, value in (("threshold", threshold), ("pixel_threshold", pixel_threshold)):
-            if value is not None and not np.isfinite(value):
-                raise ValueError(f"{name} must be a finite number, got {value}")
-        self.threshold_ = float(threshold)
-        self.pixel_threshold_ = None if pixel_threshold is None else float(pixel_threshold)
-        self.threshold_source_ = source
-        return self
-
-    def calibrate_threshold(
-        self,
-        good_images: ImageSource | Iterable[ImageSource],
-        max_false_positive_rate: float = 0.01,
-        max_pixel_false_positive_rate: float = 0.001,
-    ) -> "PatchCore":
-        """Set both thresholds from held-out good images only.
-
-        The image threshold flags at most ``max_false_positive_rate`` of the good images; the pixel
-        threshold flags at most ``max_pixel_false_positive_rate`` of their pixels (measured on the
-        maps at network resolution, whose values the full-size maps only resample).
-        """
-        predictions = self.predict(good_images, maps=False)
-        scores = [p.score for p in predictions]
-        pixels = np.concatenate([network_map(p.patch_scores, p.placement, self.smoothing_sigma).ravel() for p in predictions])
-        return self.set_threshold(
-            flagging_threshold(scores, max_false_positive_rate),
-            flagging_threshold(pixels, max_pixel_false_positive_rate),
-            source=f"{len(scores)} good images: image false-positive rate <= {max_false_positive_rate}, "
-                   f"pixel false-positive rate <= {max_pixel_false_positive_rate}",
-        )
+        return self.embedding_(np.asarray(pixels, dtype=np.float32))
 
     # -- persistence ------------------------------------------------------------------------
 
@@ -351,11 +235,7 @@ class PatchCore(BaseEstimator):
                 "backbone_spec": spec,
                 "n_training_images": self.n_training_images_,
                 "n_training_patches": self.n_training_patches_,
-                "normal_patch_score_mean": self.normal_patch_score_mean_,
-                "normal_patch_score_std": self.normal_patch_score_std_,
-                "threshold": getattr(self, "threshold_", None),
-                "pixel_threshold": getattr(self, "pixel_threshold_", None),
-                "threshold_source": getattr(self, "threshold_source_", None),
+                **self.decision_state(),
             },
             tensors={
                 "memory_bank": {"memory_bank": self.memory_bank_},
@@ -386,12 +266,8 @@ class PatchCore(BaseEstimator):
             model._build(spec, backbone)
             model.n_training_images_ = state["n_training_images"]
             model.n_training_patches_ = state["n_training_patches"]
-            # Models saved before these were measured (format 1) compare as unscaled.
-            model.normal_patch_score_mean_ = float(state.get("normal_patch_score_mean", 0.0))
-            model.normal_patch_score_std_ = float(state.get("normal_patch_score_std", 1.0))
             model._set_memory_bank(tensors["memory_bank"]["memory_bank"])
-            if state.get("threshold") is not None:
-                model.set_threshold(state["threshold"], state.get("pixel_threshold"), state.get("threshold_source") or "saved")
+            model.restore_decision_state(state)
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelFormatError(f"{directory}: saved model is inconsistent ({type(exc).__name__}: {exc})") from exc
         return model

@@ -34,7 +34,8 @@ from ..engine.backbone_specs import DEFAULT_BACKBONE, IMAGENET_WEIGHTS, resolve_
 from ..engine.backbones import create_backbone
 from ..errors import NotFittedError
 from ..engine.images import ImageSource, expand_sources
-from ..engine.embedding import embed_batches, feature_pipeline
+from ..engine.detector import embed_batches
+from ..engine.embedding import feature_pipeline
 from ..engine.prediction import ErrorHandler, Prediction
 from ..engine.scoring import anomaly_map
 from ..engine.search import MemoryBankIndex
@@ -88,10 +89,10 @@ class _FeatureDetector:
         spec = resolve_spec(self.backbone, self.layers, self.feature_location)
         self.backbone_spec_ = spec
         self.backbone_ = create_backbone(spec, self.weights)
-        embedder, self.transform_ = feature_pipeline(
+        network, _, self.transform_ = feature_pipeline(
             spec, self.backbone_, self.feature_width, self.neighbourhood, self.resize, self.crop
         )
-        self.patch_features_ = embedder.patch_features
+        self.patch_features_ = network.patch_features
 
     def _batches(self, sources: list, description: str, on_error: ErrorHandler | None, keep_images: bool = False):
         """Yield (batch, stage maps, patch features (B, H, W, D))."""

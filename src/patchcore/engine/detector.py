@@ -1,0 +1,179 @@
+"""Scoring with a fitted memory bank: what a trained PatchCore and an exported one share.
+
+A :class:`Detector` knows how to turn photos into network inputs (``transform_``) and inputs
+into patch features (``embedding_``, torch's network or an ONNX graph); everything after that is
+here, torch-free: nearest-neighbour search, the eq. 7 image score, anomaly maps, thresholds.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from ..errors import NotFittedError
+from .approximate_search import KINDS as APPROXIMATE_KINDS
+from .approximate_search import ApproximateIndex
+from .geometry import InputTransform
+from .images import ImageSource, LoadedBatch, expand_sources, iterate_batches
+from .prediction import ErrorHandler, Prediction
+from .scoring import anomaly_map, network_map, reweighted_image_score
+from .search import MemoryBankIndex
+from .thresholds import flagging_threshold
+
+
+def embed_batches(
+    sources: list[ImageSource],
+    transform: InputTransform,
+    embedding: Callable[[np.ndarray], object],
+    batch_size: int,
+    *,
+    description: str = "features",
+    progress: bool = False,
+    on_error: ErrorHandler | None = None,
+    keep_images: bool = False,
+) -> Iterator[tuple[LoadedBatch, object]]:
+    """Decode, transform and embed ``sources`` batch by batch: ``(batch, embedding(batch.pixels))``."""
+    batches = iterate_batches(sources, transform, batch_size, on_error=on_error, keep_images=keep_images)
+    with tqdm(total=len(sources), desc=description, unit="img", disable=not progress) as bar:
+        for batch in batches:
+            yield batch, embedding(batch.pixels)
+            bar.update(len(batch.names))
+
+
+class Detector:
+    """Scoring, maps and decisions over a memory bank. Subclasses set ``transform_``,
+    ``embedding_`` (numpy pixels -> numpy patch features) and the bank (:meth:`_set_memory_bank`),
+    and have the settings ``search_backend``, ``seed``, ``reweight``, ``num_neighbours``,
+    ``smoothing_sigma``, ``batch_size`` and ``progress``."""
+
+    # -- the memory bank ------------------------------------------------------------------------
+
+    def _set_memory_bank(self, memory_bank: np.ndarray) -> None:
+        self.memory_bank_ = np.ascontiguousarray(memory_bank, dtype=np.float32)
+        if self.search_backend in APPROXIMATE_KINDS:
+            self.index_ = ApproximateIndex(self.memory_bank_, self.search_backend, seed=self.seed)
+        else:
+            self.index_ = MemoryBankIndex(self.memory_bank_, self.search_backend)
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "memory_bank_"):
+            raise NotFittedError(
+                f"this {type(self).__name__} model is not fitted yet: call fit(good_images) or load a saved model first"
+            )
+
+    # -- scores -----------------------------------------------------------------------------------
+
+    def score_patches(self, patch_features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Distance of each patch ``(P, D)`` to its nearest memory-bank vector, and that vector's index."""
+        self._check_fitted()
+        distances, indices = self.index_.search(patch_features, 1)
+        return distances[:, 0], indices[:, 0]
+
+    def image_score(self, patch_scores: np.ndarray, nearest: np.ndarray, patch_features: np.ndarray) -> float:
+        """Image score from one image's patch scores (eq. 7, or the maximum when ``reweight`` is off)."""
+        if not self.reweight:
+            return float(patch_scores.max())
+        return float(reweighted_image_score(patch_scores, nearest, patch_features, self.index_, self.num_neighbours))
+
+    def predict(
+        self, images: ImageSource | Iterable[ImageSource], maps: bool = True, on_error: ErrorHandler | None = None,
+        keep_images: bool = False,
+    ) -> list[Prediction]:
+        """Score images; with ``maps`` also return each anomaly map at the image's original size.
+
+        A bad image raises :class:`ImageLoadError` naming it, unless ``on_error`` takes it (then it
+        is skipped). ``keep_images`` returns each decoded photo with its prediction.
+        """
+        self._check_fitted()
+        return list(self.iter_predict(images, maps, on_error, keep_images))
+
+    def iter_predict(
+        self, images: ImageSource | Iterable[ImageSource], maps: bool = True, on_error: ErrorHandler | None = None,
+        keep_images: bool = False,
+    ) -> Iterator[Prediction]:
+        """As :meth:`predict`, one result at a time, so that long runs keep what is done."""
+        self._check_fitted()
+        sources = expand_sources(images)
+        started = time.perf_counter()
+        for batch, features in embed_batches(sources, self.transform_, self.embedding_, self.batch_size,
+                                             description="predict", progress=self.progress, on_error=on_error,
+                                             keep_images=keep_images):
+            backbone_seconds = (time.perf_counter() - started) / len(batch.names)
+            for i, name in enumerate(batch.names):
+                patch_features = features[i].reshape(-1, features.shape[-1])
+                t0 = time.perf_counter()
+                patch_scores, nearest = self.score_patches(patch_features)
+                score = self.image_score(patch_scores, nearest, patch_features)
+                t1 = time.perf_counter()
+                grid = patch_scores.reshape(features.shape[1:3])
+                placement = batch.placements[i]
+                pixel_map = anomaly_map(grid, placement, self.smoothing_sigma) if maps else None
+                t2 = time.perf_counter()
+                timings = {"backbone": backbone_seconds, "search": t1 - t0, "map": t2 - t1}
+                image = batch.images[i] if keep_images else None
+                prediction = Prediction(name, score, pixel_map, grid, timings, placement=placement, image=image)
+                yield prediction.decide(getattr(self, "threshold_", None), getattr(self, "pixel_threshold_", None))
+            started = time.perf_counter()
+
+    def anomaly_map_of(self, prediction: Prediction) -> np.ndarray:
+        """The anomaly map of a prediction made with ``maps=False``, over its whole photo."""
+        self._check_fitted()
+        if prediction.placement is None:
+            raise ValueError(f"{prediction.name}: the prediction does not say where its input came from")
+        return anomaly_map(prediction.patch_scores, prediction.placement, self.smoothing_sigma)
+
+    # -- decisions --------------------------------------------------------------------------------
+
+    def set_threshold(self, threshold: float, pixel_threshold: float | None = None, source: str = "user"):
+        """Decide ``is_anomalous = score >= threshold``; masks mark pixels ``>= pixel_threshold``
+        (no masks without one: image scores and pixel maps are on different scales)."""
+        self._check_fitted()
+        for name, value in (("threshold", threshold), ("pixel_threshold", pixel_threshold)):
+            if value is not None and not np.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value}")
+        self.threshold_ = float(threshold)
+        self.pixel_threshold_ = None if pixel_threshold is None else float(pixel_threshold)
+        self.threshold_source_ = source
+        return self
+
+    def calibrate_threshold(
+        self,
+        good_images: ImageSource | Iterable[ImageSource],
+        max_false_positive_rate: float = 0.01,
+        max_pixel_false_positive_rate: float = 0.001,
+    ):
+        """Set both thresholds from held-out good images only.
+
+        The image threshold flags at most ``max_false_positive_rate`` of the good images; the pixel
+        threshold flags at most ``max_pixel_false_positive_rate`` of their pixels (measured on the
+        maps at network resolution, whose values the full-size maps only resample).
+        """
+        predictions = self.predict(good_images, maps=False)
+        scores = [p.score for p in predictions]
+        pixels = np.concatenate([network_map(p.patch_scores, p.placement, self.smoothing_sigma).ravel() for p in predictions])
+        return self.set_threshold(
+            flagging_threshold(scores, max_false_positive_rate),
+            flagging_threshold(pixels, max_pixel_false_positive_rate),
+            source=f"{len(scores)} good images: image false-positive rate <= {max_false_positive_rate}, "
+                   f"pixel false-positive rate <= {max_pixel_false_positive_rate}",
+        )
+
+    def decision_state(self) -> dict:
+        """What a saved model records besides its settings and tensors: thresholds and the normal scale."""
+        return {
+            "normal_patch_score_mean": self.normal_patch_score_mean_,
+            "normal_patch_score_std": self.normal_patch_score_std_,
+            "threshold": getattr(self, "threshold_", None),
+            "pixel_threshold": getattr(self, "pixel_threshold_", None),
+            "threshold_source": getattr(self, "threshold_source_", None),
+        }
+
+    def restore_decision_state(self, state: dict) -> None:
+        """The inverse of :meth:`decision_state` (models saved before the normal scale count as unscaled)."""
+        self.normal_patch_score_mean_ = float(state.get("normal_patch_score_mean", 0.0))
+        self.normal_patch_score_std_ = float(state.get("normal_patch_score_std", 1.0))
+        if state.get("threshold") is not None:
+            self.set_threshold(state["threshold"], state.get("pixel_threshold"), state.get("threshold_source") or "saved")
