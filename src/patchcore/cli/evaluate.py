@@ -6,9 +6,6 @@ import argparse
 import json
 from pathlib import Path
 
-from ..evaluation.datasets import load_folder_layout, mvtec_categories
-from ..evaluation.evaluate import evaluate_categories, evaluate_datasets, is_plain_layout, resolve_root
-from ..evaluation.summary import format_table, json_default, mean_row, public_row
 from .options import add_model_options, model_from_args, positive_int
 
 
@@ -43,6 +40,10 @@ def add_parser(commands) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """0 when every data set was evaluated, 1 when any failed."""
+    from ..evaluation.datasets import load_folder_layout, mvtec_categories
+    from ..evaluation.evaluate import evaluate_categories, evaluate_datasets, is_plain_layout, resolve_root
+    from ..evaluation.summary import format_table, json_default, mean_row, public_row
+
     if is_plain_layout(args.root):
         root = Path(args.root)
         loaders = [(root.resolve().name, lambda: load_folder_layout(root, args.train, args.masks, args.test_share))]

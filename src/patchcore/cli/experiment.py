@@ -6,8 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..evaluation.experiments import EXPERIMENTS, ExperimentOptions, build_spec, run_experiment
-from ..evaluation.experiments.tables import format_text_table, table_rows
+from ..evaluation.experiments.options import EXPERIMENTS, ExperimentOptions
 from .options import add_model_options, model_settings_from_args, names
 
 
@@ -58,6 +57,8 @@ def add_parser(commands) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..engine.model import PatchCore
+    from ..evaluation.experiments import build_spec, run_experiment
+    from ..evaluation.experiments.tables import format_text_table, table_rows
 
     options = ExperimentOptions(
         ratios=args.ratios,

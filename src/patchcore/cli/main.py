@@ -8,7 +8,10 @@ import sys
 from .. import __version__
 from ..engine.backbone_specs import REGISTRY
 from ..errors import PatchCoreError
-from . import demo, evaluate, experiment, fit, predict, serve
+from . import demo, evaluate, experiment, export, fit, predict, serve
+
+#: Packages of the ``train`` extra: a command that needs one says how to install it.
+TRAINING_MODULES = {"torch", "torchvision", "timm", "onnx", "sklearn", "matplotlib", "huggingface_hub", "elpv_dataset"}
 
 
 def _backbones(args: argparse.Namespace) -> int:
@@ -26,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"patchcore {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for command in (fit, predict, demo, evaluate, experiment, serve):
+    for command in (fit, predict, export, demo, evaluate, experiment, serve):
         command.add_parser(commands)
     backbones = commands.add_parser("backbones", help="list the known backbones", description="List the known backbones.")
     backbones.set_defaults(handler=_backbones)
@@ -43,6 +46,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except ModuleNotFoundError as error:
+        if error.name and error.name.split(".")[0] in TRAINING_MODULES:
+            print(f"error: 'patchcore {args.command}' needs {error.name}, which is not installed here; "
+                  "install the training extra: pip install 'patchcore[train]' (exported models run without it)",
+                  file=sys.stderr)
+            return 2
+        raise
 
 
 if __name__ == "__main__":

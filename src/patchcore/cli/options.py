@@ -13,7 +13,7 @@ import sys
 from ..engine.backbone_specs import REGISTRY
 from ..engine.coreset import MAX_RATIO, MIN_RATIO
 from ..engine.geometry import parse_resize
-from ..engine.settings import DEFAULTS, PRESETS
+from ..engine.settings import DEFAULTS, DEVICES, PRESETS
 from ..errors import ImageLoadError
 
 #: What an option of ``none`` parses to: an explicit "no value", unlike an option not given (``None``).
@@ -106,6 +106,10 @@ def add_model_options(parser: argparse.ArgumentParser, methods: bool = False) ->
                             f"with faiss hnsw / ivfpq (faster for large memory banks) (default: {_default('search_backend')})")
     group.add_argument("--seed", type=int, default=None, help="seed of the coreset selection (default: 0)")
     group.add_argument("--batch-size", type=positive_int, default=None, help=f"images per forward pass (default: {_default('batch_size')})")
+    group.add_argument("--device", choices=DEVICES, default=None,
+                       help="where the network runs: auto (a GPU when torch sees one, else the CPU with ONNX Runtime), "
+                            "cpu or cuda (default: auto)")
+    group.add_argument("--threads", type=positive_int, default=None, help="CPU threads for the network (default: every core)")
     if methods:
         group.add_argument("--method", choices=("patchcore", "spade", "padim"), default="patchcore",
                            help="detector: patchcore, or the paper's baselines spade / padim on the same features "
@@ -114,7 +118,7 @@ def add_model_options(parser: argparse.ArgumentParser, methods: bool = False) ->
 
 #: Command-line option (argparse destination) -> PatchCore setting.
 _OPTION_SETTINGS = ("backbone", "layers", "weights", "coreset_ratio", "feature_width", "neighbourhood", "resize", "crop",
-                    "tile_size", "tile_overlap", "search_backend", "seed", "batch_size")
+                    "tile_size", "tile_overlap", "search_backend", "seed", "batch_size", "device", "threads")
 
 
 def model_settings_from_args(args: argparse.Namespace) -> dict:
@@ -151,3 +155,23 @@ class SkippedImages:
     def __call__(self, error: ImageLoadError) -> None:
         self.errors.append(error)
         print(f"warning: skipped {error}", file=sys.stderr)
+
+
+def add_runtime_options(parser: argparse.ArgumentParser) -> None:
+    """``--device`` and ``--threads`` for commands that run a saved or exported model."""
+    parser.add_argument("--device", choices=DEVICES, default=None,
+                        help="saved models: where the network runs (auto: a GPU when torch sees one, else the CPU); "
+                             "exports always run on the CPU (default: as saved)")
+    parser.add_argument("--threads", type=positive_int, default=None, help="CPU threads for the network (default: every core)")
+
+
+def use_device(model, device: str | None) -> None:
+    """Move a loaded model's network to ``device`` (exports run on the CPU only)."""
+    if device is None:
+        return
+    if not hasattr(model, "_run_network_on"):
+        if device == "cuda":
+            raise ValueError("an exported model runs on the CPU with ONNX Runtime; --device cuda needs the saved model")
+        return
+    model.device = device
+    model.device_ = model._run_network_on(device)

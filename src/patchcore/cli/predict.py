@@ -11,21 +11,22 @@ from typing import Iterable
 import numpy as np
 from PIL import Image
 
-from ..engine.model import PatchCore
+from ..engine.loading import load_model
 from ..engine.overlay import heat_map_overlay, heat_scale, side_by_side
 from ..engine.prediction import Prediction
-from .options import SkippedImages, positive_int
+from .options import SkippedImages, add_runtime_options, positive_int, use_device
 
 
 def add_parser(commands) -> None:
     parser = commands.add_parser("predict", help="score images with a saved model",
                                  description="Score images with a saved model; write scores.csv, heat-map overlays "
                                              "and, when the model has a pixel threshold, defect masks.")
-    parser.add_argument("model", metavar="MODEL_DIR", help="folder written by 'patchcore fit'")
+    parser.add_argument("model", metavar="MODEL_DIR", help="folder written by 'patchcore fit' or 'patchcore export'")
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders")
     parser.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="folder for scores.csv and overlays/")
     parser.add_argument("--no-overlays", action="store_true", help="write scores (and masks) only")
     parser.add_argument("--batch-size", type=positive_int, default=None, help="images per forward pass (default: as fitted)")
+    add_runtime_options(parser)
     parser.set_defaults(handler=run)
 
 
@@ -46,7 +47,7 @@ class OutputNames:
         return name + ".png"
 
 
-def write_predictions(model: PatchCore, predictions: Iterable[Prediction], output: Path, overlays: bool = True) -> list[Prediction]:
+def write_predictions(model, predictions: Iterable[Prediction], output: Path, overlays: bool = True) -> list[Prediction]:
     """Write each prediction as it arrives: a line of ``scores.csv`` (path, score[, is_anomalous]),
     its heat-map overlay, and with a pixel threshold its binary defect mask.
 
@@ -82,7 +83,8 @@ def write_predictions(model: PatchCore, predictions: Iterable[Prediction], outpu
 
 
 def run(args: argparse.Namespace) -> int:
-    model = PatchCore.load(args.model)
+    model = load_model(args.model, threads=args.threads)
+    use_device(model, args.device)
     model.progress = True
     if args.batch_size:
         model.batch_size = args.batch_size

@@ -14,12 +14,13 @@ def add_parser(commands) -> None:
         description="Serve saved models over HTTP: a JSON API (/v1/models, /docs), a web page (/), "
                     "/healthz and Prometheus /metrics. MODEL_DIR is one model directory (named after "
                     "its folder) or a folder of model directories.")
-    parser.add_argument("model", metavar="MODEL_DIR", help="a model directory, or a folder of them")
+    parser.add_argument("model", metavar="MODEL_DIR", help="a model (saved or exported) directory, or a folder of them")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     parser.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     parser.add_argument("--workers", type=int, default=1, help="server processes; each loads every model (default: 1)")
     parser.add_argument("--max-upload-mb", type=float, default=DEFAULT_MAX_UPLOAD_MB,
                         help=f"largest accepted upload in MiB (default: {DEFAULT_MAX_UPLOAD_MB:g})")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads of each model's network (default: every core)")
     parser.set_defaults(handler=run)
 
 
@@ -29,5 +30,5 @@ def run(args: argparse.Namespace) -> int:
     if args.max_upload_mb <= 0:
         raise ValueError("--max-upload-mb must be positive")
     serve(args.model, host=args.host, port=args.port, workers=args.workers,
-          max_upload_bytes=int(math.floor(args.max_upload_mb * 2**20)))
+          max_upload_bytes=int(math.floor(args.max_upload_mb * 2**20)), threads=args.threads)
     return 0

@@ -28,6 +28,8 @@ from safetensors.numpy import load_file, save_file
 from ..errors import ModelFormatError
 
 FORMAT_NAME = "patchcore-model"
+#: The format of ``patchcore export``: the network as an ONNX (or OpenVINO) graph instead of torch weights.
+EXPORT_FORMAT_NAME = "patchcore-export"
 FORMAT_VERSION = 2
 #: Versions this code reads: 1 (before whole-image geometry; its settings name resize and crop explicitly).
 READABLE_VERSIONS = (1, 2)
@@ -50,33 +52,44 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def _store(directory: Path, role: str, suffix: str, write) -> dict[str, Any]:
+    """Write a file with ``write(path)``, flush it, and give it its content-addressed name."""
+    with tempfile.NamedTemporaryFile(dir=directory, prefix=f".{role}-", suffix=".tmp", delete=False) as handle:
+        temporary = Path(handle.name)
+    try:
+        write(temporary)
+        _fsync(temporary)
+        checksum = _sha256(temporary)
+        final = directory / f"{role}-{checksum[:16]}{suffix}"
+        os.replace(temporary, final)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return {"file": final.name, "sha256": checksum, "bytes": final.stat().st_size}
+
+
 def write_model(
     directory: str | os.PathLike,
     settings: dict[str, Any],
     state: dict[str, Any],
     tensors: dict[str, dict[str, np.ndarray]],
     extra: dict[str, Any] | None = None,
+    blobs: dict[str, tuple[str, bytes]] | None = None,
+    format_name: str = FORMAT_NAME,
 ) -> Path:
-    """Write a model directory; ``tensors`` maps a file role to the tensors of that file."""
+    """Write a model directory: ``tensors`` maps a file role to the arrays of its safetensors file,
+    ``blobs`` a role to ``(suffix, bytes)`` of another file (an ONNX graph, say)."""
     from .. import __version__
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     files = {}
     for role, contents in tensors.items():
-        with tempfile.NamedTemporaryFile(dir=directory, prefix=f".{role}-", suffix=".tmp", delete=False) as handle:
-            temporary = Path(handle.name)
-        try:
-            save_file({k: np.ascontiguousarray(v) for k, v in contents.items()}, str(temporary))
-            _fsync(temporary)
-            checksum = _sha256(temporary)
-            final = directory / f"{role}-{checksum[:16]}.safetensors"
-            os.replace(temporary, final)
-        finally:
-            temporary.unlink(missing_ok=True)
-        files[role] = {"file": final.name, "sha256": checksum, "bytes": final.stat().st_size}
+        arrays = {k: np.ascontiguousarray(v) for k, v in contents.items()}
+        files[role] = _store(directory, role, ".safetensors", lambda path, arrays=arrays: save_file(arrays, str(path)))
+    for role, (suffix, data) in (blobs or {}).items():
+        files[role] = _store(directory, role, suffix, lambda path, data=data: path.write_bytes(data))
     manifest = {
-        "format": FORMAT_NAME,
+        "format": format_name,
         "format_version": FORMAT_VERSION,
         "patchcore_version": __version__,
         "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -93,9 +106,9 @@ def write_model(
     os.replace(temporary, directory / MANIFEST)  # the commit point
     _fsync(directory)
     keep = {MANIFEST, *(entry["file"] for entry in files.values())}
-    for stale in directory.glob("*.safetensors"):
-        if stale.name not in keep:
-            stale.unlink(missing_ok=True)
+    for stale in directory.iterdir():
+        if stale.is_file() and stale.name not in keep and stale.name.split("-")[0] in files:
+            stale.unlink(missing_ok=True)  # a file of the previous model (same role, other content)
     return directory
 
 
@@ -111,7 +124,7 @@ def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
         manifest = json.loads(path.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ModelFormatError(f"{path}: not valid JSON ({exc})") from exc
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+    if not isinstance(manifest, dict) or manifest.get("format") not in (FORMAT_NAME, EXPORT_FORMAT_NAME):
         raise ModelFormatError(f"{path}: not a patchcore model manifest")
     version = manifest.get("format_version")
     if version not in READABLE_VERSIONS:
@@ -125,19 +138,23 @@ def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
     return manifest
 
 
-def read_model(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, dict[str, np.ndarray]]]:
-    """The manifest and tensors of a model directory, after checking every file's SHA-256."""
+def read_model(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, dict[str, np.ndarray]], dict[str, Path]]:
+    """The manifest, the arrays of each safetensors file and the paths of the other files of a
+    model directory, after checking every file's SHA-256."""
     directory = Path(directory)
     manifest = read_manifest(directory)
-    tensors = {}
+    tensors, paths = {}, {}
     for role, entry in manifest["files"].items():
         path = directory / str(entry.get("file", ""))
         if not path.is_file() or path.parent != directory:
             raise ModelFormatError(f"{path}: file of the model is missing")
         if _sha256(path) != entry.get("sha256"):
             raise ModelFormatError(f"{path}: checksum does not match the manifest; the file was altered or damaged")
+        if path.suffix != ".safetensors":
+            paths[role] = path
+            continue
         try:
             tensors[role] = load_file(str(path))
         except Exception as exc:
             raise ModelFormatError(f"{path}: unreadable safetensors file ({exc})") from exc
-    return manifest, tensors
+    return manifest, tensors, paths

@@ -77,12 +77,13 @@ def create_app(
     max_map_side: int = DEFAULT_MAX_MAP_SIDE,
     inference_slots: "int | None" = None,
     max_queue: int = 64,
+    threads: "int | None" = None,
 ):
     """The FastAPI app serving ``{name: model directory}``; each model is loaded once, here.
 
-    ``inference_slots`` (default: CPU cores / torch threads, at least 1) bounds how many images are
+    ``inference_slots`` (default: CPU cores / ``threads``, at least 1) bounds how many images are
     decoded and scored at once; a request that finds no free slot waits, unless ``max_queue``
-    requests already wait: then it gets 503.
+    requests already wait: then it gets 503. ``threads``: CPU threads of each model's network.
     """
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
@@ -94,9 +95,9 @@ def create_app(
         raise ValueError(f"max_upload_bytes must be positive, got {max_upload_bytes}")
     if max_image_pixels > Image.MAX_IMAGE_PIXELS:
         raise ValueError(f"max_image_pixels must not exceed Pillow's MAX_IMAGE_PIXELS ({Image.MAX_IMAGE_PIXELS})")
-    models = load_models(model_dirs)
+    models = load_models(model_dirs, threads)
     metrics = Metrics()
-    runner = InferenceRunner(metrics, inference_slots if inference_slots is not None else default_slots(), max_queue,
+    runner = InferenceRunner(metrics, inference_slots if inference_slots is not None else default_slots(threads), max_queue,
                              max_image_pixels, max_input_pixels, max_map_side)
 
     app = FastAPI(title="patchcore", version=__version__,

@@ -28,11 +28,11 @@ from .rendering import render_outputs
 UPLOAD_FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "WEBP")
 
 
-def default_slots() -> int:
-    """One slot per group of torch threads the machine's cores allow (at least one)."""
-    import torch
-
-    return max(1, (os.cpu_count() or 1) // max(1, torch.get_num_threads()))
+def default_slots(threads: int | None = None) -> int:
+    """One slot per group of ``threads`` network threads the machine's cores allow (default: one
+    slot whose network uses every core)."""
+    cores = os.cpu_count() or 1
+    return max(1, cores // max(1, threads or cores))
 
 
 class InferenceRunner:

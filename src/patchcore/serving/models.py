@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from ..engine.model import PatchCore
-from ..engine.persistence import MANIFEST, read_manifest
+from ..engine.loading import load_model
+from ..engine.persistence import EXPORT_FORMAT_NAME, MANIFEST, read_manifest
 from ..errors import ModelFormatError
 
 logger = logging.getLogger("patchcore.service")
@@ -32,7 +32,7 @@ def discover_models(model_dir: str | os.PathLike) -> dict[str, Path]:
 class ServedModel:
     name: str
     directory: Path
-    model: PatchCore
+    model: Any  # a PatchCore, or an ExportedModel (which needs no torch)
     manifest: dict[str, Any]
 
     @property
@@ -46,10 +46,12 @@ class ServedModel:
         return None if value is None else float(value)
 
     def describe(self) -> dict[str, Any]:
+        settings = self.model.settings()
         return {
             "name": self.name,
-            "backbone": self.model.backbone,
-            "layers": list(self.model.backbone_spec_.layers),
+            "kind": "export" if self.manifest.get("format") == EXPORT_FORMAT_NAME else "saved model",
+            "backbone": settings.get("backbone"),
+            "layers": list(self.model.backbone_spec_.layers) if hasattr(self.model, "backbone_spec_") else settings.get("layers"),
             "memory_bank_size": int(self.model.memory_bank_.shape[0]),
             "feature_dim": int(self.model.memory_bank_.shape[1]),
             "threshold": self.threshold,
@@ -58,14 +60,15 @@ class ServedModel:
             "format_version": self.manifest.get("format_version"),
             "patchcore_version": self.manifest.get("patchcore_version"),
             "saved_at": self.manifest.get("saved_at"),
-            "resize": self.model.settings()["resize"],
-            "crop": self.model.crop,
-            "tile_size": self.model.tile_size,
+            "resize": settings.get("resize"),
+            "crop": settings.get("crop"),
+            "tile_size": settings.get("tile_size"),
         }
 
 
-def load_models(model_dirs: Mapping[str, str | os.PathLike]) -> dict[str, ServedModel]:
-    """Load each model once; a damaged or altered model stops start-up with a :class:`ModelFormatError`."""
+def load_models(model_dirs: Mapping[str, str | os.PathLike], threads: int | None = None) -> dict[str, ServedModel]:
+    """Load each model once (saved or exported); a damaged or altered model stops start-up with a
+    :class:`ModelFormatError`."""
     if not model_dirs:
         raise ValueError("no models to serve")
     served = {}
@@ -74,7 +77,7 @@ def load_models(model_dirs: Mapping[str, str | os.PathLike]) -> dict[str, Served
             raise ValueError(f"invalid model name {name!r}")
         directory = Path(directory)
         manifest = read_manifest(directory)
-        model = PatchCore.load(directory)
+        model = load_model(directory, threads=threads)
         model.progress = False
         served[name] = ServedModel(name, directory, model, manifest)
         logger.info("loaded model %r from %s (memory bank %s)", name, directory, model.memory_bank_.shape)

@@ -1,0 +1,66 @@
+"""``patchcore export``: a fitted model as a directory that runs without torch.
+
+The network half (backbone and patch features) becomes one ONNX graph with a dynamic batch and
+image size (or, where the ``openvino`` package is installed, OpenVINO IR made from it); the
+memory bank, the settings and the thresholds go beside it, checksummed, as in a saved model.
+:class:`~patchcore.engine.runtime.ExportedModel` loads and scores it with onnxruntime (or
+openvino), numpy, scipy, Pillow and faiss only.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from . import persistence
+from .onnx_network import OPSET, export_network
+
+FORMATS = ("onnx", "openvino")
+
+#: Settings the runtime needs (the rest, such as the coreset's, only mattered for fitting).
+RUNTIME_SETTINGS = ("backbone", "layers", "num_neighbours", "reweight", "resize", "crop", "tile_size", "tile_overlap",
+                    "smoothing_sigma", "search_backend", "batch_size", "seed", "threads")
+
+
+def _openvino_ir(onnx_graph: bytes) -> tuple[bytes, bytes]:
+    """(``.xml``, ``.bin``) of the OpenVINO IR made from an ONNX graph."""
+    try:
+        import openvino as ov
+    except ImportError:
+        raise ValueError("--format openvino needs the openvino package: pip install openvino") from None
+    with tempfile.TemporaryDirectory() as folder:
+        graph = Path(folder) / "network.onnx"
+        graph.write_bytes(onnx_graph)
+        ov.save_model(ov.convert_model(str(graph)), str(Path(folder) / "network.xml"), compress_to_fp16=False)
+        return (Path(folder) / "network.xml").read_bytes(), (Path(folder) / "network.bin").read_bytes()
+
+
+def export_model(model, directory: str | os.PathLike, format: str = "onnx") -> Path:
+    """Write fitted PatchCore ``model`` to ``directory`` as an export (atomically, like a save)."""
+    if format not in FORMATS:
+        raise ValueError(f"unknown export format {format!r}: use one of {', '.join(FORMATS)}")
+    model._check_fitted()
+    graph = export_network(model.network_.cpu())
+    if format == "onnx":
+        blobs = {"network": (".onnx", graph)}
+    else:
+        xml, weights = _openvino_ir(graph)
+        blobs = {"network": (".xml", xml), "network_weights": (".bin", weights)}
+    settings = {key: value for key, value in model.settings().items() if key in RUNTIME_SETTINGS}
+    spec = model.backbone_spec_
+    settings["layers"] = list(spec.layers)
+    state = {
+        "runtime": format,
+        "onnx_opset": OPSET,
+        "mean": list(spec.mean),
+        "std": list(spec.std),
+        "stride": model.network_.stride,
+        "cell": model.network_.cell,
+        "feature_width": model.network_.width,
+        "n_training_images": model.n_training_images_,
+        "n_training_patches": model.n_training_patches_,
+        **model.decision_state(),
+    }
+    return persistence.write_model(directory, settings, state, {"memory_bank": {"memory_bank": model.memory_bank_}},
+                                   blobs=blobs, format_name=persistence.EXPORT_FORMAT_NAME)

@@ -1,0 +1,30 @@
+"""One way to load any model directory: a saved PatchCore (needs torch) or an export (does not)."""
+
+from __future__ import annotations
+
+import os
+
+from ..errors import ModelFormatError
+from . import persistence
+
+
+def load_model(directory: str | os.PathLike, threads: int | None = None):
+    """The model in ``directory``: an :class:`~patchcore.engine.runtime.ExportedModel` for an export,
+    else a :class:`~patchcore.engine.model.PatchCore` (torch is imported only then)."""
+    manifest = persistence.read_manifest(directory)
+    if manifest["format"] == persistence.EXPORT_FORMAT_NAME:
+        from .runtime import ExportedModel
+
+        return ExportedModel.load(directory, threads=threads)
+    try:
+        from .model import PatchCore
+    except ImportError as error:
+        raise ModelFormatError(
+            f"{directory}: a saved PatchCore model needs torch ({error}); install 'patchcore[train]', or run "
+            "'patchcore export' on it where torch is installed and use the export here"
+        ) from None
+    model = PatchCore.load(directory)
+    if threads is not None:
+        model.threads = threads
+        model._run_network_on(model.device)
+    return model

@@ -1,0 +1,69 @@
+"""The patch network as an ONNX graph run by ONNX Runtime: 3-4x faster than torch's eager mode
+for EfficientNet-Lite on a plain CPU (measured on this project's 2-core Xeon), and needs no torch.
+
+:func:`export_network` (needs torch) writes a :class:`~patchcore.engine.embedding.PatchNetwork`
+as a graph with a dynamic batch and image size; :class:`OnnxNetwork` (needs only onnxruntime)
+runs one.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+
+import numpy as np
+
+#: ONNX operator set of exported graphs (ONNX Runtime 1.16 and later run it).
+OPSET = 17
+INPUT_NAME = "pixels"
+OUTPUT_NAME = "patch_features"
+
+
+def onnxruntime_available() -> bool:
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def export_network(network, example_size: tuple[int, int] = (256, 256)) -> bytes:
+    """The serialised ONNX graph of ``network`` (a torch ``PatchNetwork``): input ``pixels``
+    ``(batch, 3, height, width)``, output ``patch_features`` ``(batch, rows, cols, width)``, with
+    batch and image size dynamic (sizes must be multiples of the network's deepest stride)."""
+    import torch
+
+    height, width = (-(-side // network.stride) * network.stride for side in example_size)
+    example = torch.zeros(1, 3, height, width)
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporter's notes on traced shapes and deprecations
+        torch.onnx.export(
+            network.eval(), (example,), buffer, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+            dynamic_axes={INPUT_NAME: {0: "batch", 2: "height", 3: "width"}, OUTPUT_NAME: {0: "batch", 1: "rows", 2: "cols"}},
+            opset_version=OPSET, dynamo=False,
+        )
+    return buffer.getvalue()
+
+
+class OnnxNetwork:
+    """Runs an exported patch network: numpy pixels in, numpy patch features out.
+
+    ``threads``: ONNX Runtime's intra-op threads (default: every core). Its worker threads do not
+    spin while they wait for work: on a shared machine spinning threads slowed every step down.
+    """
+
+    def __init__(self, graph: bytes | str | os.PathLike, threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = max(1, threads or os.cpu_count() or 1)
+        options.inter_op_num_threads = 1
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        source = graph if isinstance(graph, bytes) else str(graph)
+        self.session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+
+    def __call__(self, pixels: np.ndarray) -> np.ndarray:
+        return self.session.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(pixels, dtype=np.float32)})[0]
