@@ -181,3 +181,23 @@ def test_folder_listing_says_what_it_skipped_and_why(tmp_path):
     with pytest.warns(UserWarning, match=r"skipped 2 unusable entries: folder\.jpg \(not a regular file\); "
                                          r"gone\.png \(link to a missing file\)"):
         assert list_images(tmp_path) == [tmp_path / "a.png"]
+
+
+def test_jpegs_are_decoded_at_the_scale_the_network_needs(tmp_path):
+    from patchcore.engine.geometry import InputTransform
+
+    rng = np.random.default_rng(2)
+    Image.fromarray((rng.random((1000, 1600, 3)) * 255).astype(np.uint8)).save(tmp_path / "big.jpg", quality=90)
+    transform = InputTransform(256, None, (0.5,) * 3, (0.5,) * 3, stride=16)
+    small = read_image(tmp_path / "big.jpg", needed_size=transform.needed_size)
+    # 1600x1000 -> 410x256 needed: the 1/2 DCT scale (800x500) is the smallest at least that big.
+    assert small.size == (800, 500) and small.info["original_size"] == (1600, 1000)
+    pixels, placement = transform(small)
+    assert placement.image_size == (1000, 1600) and placement.box == pytest.approx((0.0, 0.0, 1600.0, 1000.0))
+    full_pixels, _ = transform(read_image(tmp_path / "big.jpg"))
+    assert pixels.shape == full_pixels.shape == (3, 256, 416)
+    assert np.abs(pixels - full_pixels).mean() < 0.05  # the same picture, resampled from another scale
+    # A turned JPEG: the needed size is asked for upright, the draft made on the stored orientation.
+    _rotated_jpeg(tmp_path / "turned.jpg", 6)
+    turned = read_image(tmp_path / "turned.jpg", needed_size=lambda w, h: (w // 2, h // 2))
+    assert turned.info["original_size"] == (20, 40) and turned.size == (10, 20)

@@ -427,3 +427,11 @@ def test_fuzz_image_headers_with_random_bodies(client, tail, prefix):
     response = _post_raw(client, start + tail)
     assert response.status_code == 200 or 400 <= response.status_code < 500, response.text
     _assert_healthy(client)
+
+
+def test_a_jpeg_upload_scores_as_the_same_file_does_from_disk(client, model_dir, tmp_path):
+    photo = Image.open(io.BytesIO(_test_images()[3])).convert("RGB").resize((256, 192))
+    photo.save(tmp_path / "photo.jpg", quality=92)
+    body = client.post(PREDICT, content=(tmp_path / "photo.jpg").read_bytes(), headers={"content-type": "image/jpeg"}).json()
+    on_disk = PatchCore.load(model_dir).predict([tmp_path / "photo.jpg"], maps=False)[0].score
+    assert body["score"] == on_disk and (body["width"], body["height"]) == (256, 192)

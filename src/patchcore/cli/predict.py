@@ -14,6 +14,7 @@ from PIL import Image
 from ..engine.loading import load_model
 from ..engine.overlay import heat_map_overlay, heat_scale, side_by_side
 from ..engine.prediction import Prediction
+from ..engine.scoring import resize_bilinear
 from .options import SkippedImages, add_runtime_options, positive_int, use_device
 
 
@@ -74,7 +75,10 @@ def write_predictions(model, predictions: Iterable[Prediction], output: Path, ov
             name = names(prediction.name, position)
             if overlays:
                 photo = prediction.image
-                side_by_side(photo, heat_map_overlay(photo, prediction.anomaly_map, low, high)).save(output / "overlays" / name)
+                heat = prediction.anomaly_map
+                if heat.shape != (photo.height, photo.width):  # a JPEG decoded at the scale the network needed
+                    heat = resize_bilinear(heat, (photo.height, photo.width))
+                side_by_side(photo, heat_map_overlay(photo, heat, low, high)).save(output / "overlays" / name)
             if prediction.mask is not None:
                 Image.fromarray(prediction.mask.astype(np.uint8) * 255).save(output / "masks" / name)
             prediction.anomaly_map = prediction.mask = prediction.image = None

@@ -123,9 +123,17 @@ class InputTransform:
         new_width, new_height = resized_size(width, height, self.resize)
         return new_width * new_height
 
+    def needed_size(self, width: int, height: int) -> tuple[int, int]:
+        """(width, height) the photo must at least have for this transform (its resized size)."""
+        return resized_size(width, height, self.resize)
+
     def __call__(self, image: Image.Image) -> tuple[np.ndarray, Placement]:
-        """The normalised network input ``(3, H, W)`` float32 and where it came from."""
-        width, height = image.size
+        """The normalised network input ``(3, H, W)`` float32 and where it came from.
+
+        A photo decoded at a reduced scale carries its own size in ``image.info["original_size"]``;
+        the placement refers to that size.
+        """
+        width, height = image.info.get("original_size", image.size)
         new_size = resized_size(width, height, self.resize)
         resized = image.resize(new_size, Image.BILINEAR) if new_size != image.size else image
         scale_x, scale_y = resized.width / width, resized.height / height

@@ -138,6 +138,7 @@ def read_image(
     name: str | None = None,
     max_pixels: int | None = None,
     formats: Sequence[str] | None = None,
+    needed_size: Callable[[int, int], tuple[int, int]] | None = None,
 ) -> Image.Image:
     """Load ``source`` (a path, PIL image, array, or the bytes of an image file) as an RGB PIL image.
 
@@ -145,6 +146,11 @@ def read_image(
     ``max_pixels`` refuses larger images from their header, before any pixel is decoded;
     ``formats`` limits the decoders tried (e.g. for uploads). Any failure is an
     :class:`ImageLoadError` naming the image (``name``, else the path or ``<image N>``).
+
+    ``needed_size`` maps the photo's upright (width, height) to the smallest size the caller will
+    use; a JPEG is then decoded at the smallest of its DCT scales (1/2, 1/4, 1/8) that is at least
+    that big, several times faster than decoding every pixel. The photo's own upright size is kept
+    in ``image.info["original_size"]``.
     """
     name = name or source_name(source, position)
     try:
@@ -165,12 +171,18 @@ def read_image(
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(stream, formats=formats) as opened:
                 _check_pixels(name, opened.width, opened.height, max_pixels)
+                turned = opened.getexif().get(_ORIENTATION, 1) in _TURNED
+                original = (opened.height, opened.width) if turned else opened.size
+                if needed_size is not None and opened.format == "JPEG":
+                    width, height = needed_size(*original)
+                    opened.draft("RGB", (height, width) if turned else (width, height))
                 opened.load()
                 _check_pixels(name, opened.width, opened.height, max_pixels)  # some formats settle their size on load
                 image = to_rgb(ImageOps.exif_transpose(opened))
                 image.load()
                 if image is opened:
                     image = image.copy()
+                image.info["original_size"] = original
         if image.width < 1 or image.height < 1:
             raise ImageLoadError(name, "image has no pixels")
         return image
@@ -186,6 +198,11 @@ def read_image(
         raise TooManyPixels(name, "image is too large to decode safely (out of memory while decoding)") from None
     except Exception as exc:  # decoders raise many kinds on hostile input; all mean "bad image"
         raise ImageLoadError(name, f"corrupt or truncated image ({type(exc).__name__}: {exc})") from None
+
+
+#: EXIF orientation tag; its values 5-8 turn the photo by 90 degrees (width and height swap).
+_ORIENTATION = 0x0112
+_TURNED = frozenset({5, 6, 7, 8})
 
 
 class TooManyPixels(ImageLoadError):
@@ -226,9 +243,13 @@ def iterate_batches(
     ``keep_images`` each batch also carries the decoded photos.
     """
 
+    # JPEGs are decoded at the smallest DCT scale the network input needs (see read_image); kept
+    # photos are those, with their own size in info["original_size"].
+    needed_size = getattr(transform, "needed_size", None)
+
     def load(item: tuple[int, ImageSource]):
         position, source = item
-        image = read_image(source, position)
+        image = read_image(source, position, needed_size=needed_size)
         try:
             pixels, placement = transform(image)
         except ValueError as exc:

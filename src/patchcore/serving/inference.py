@@ -76,11 +76,14 @@ class InferenceRunner:
                 self.metrics.in_flight += 1
             timings = {"queue": time.perf_counter() - queued}
             t0 = time.perf_counter()
-            photo = read_image(data, name=name, max_pixels=self.max_image_pixels, formats=UPLOAD_FORMATS)
             transform = served.model.transform_
-            height, width = transform.input_size(photo.width, photo.height)
-            if height * width > self.max_input_pixels or transform.resized_pixels(photo.width, photo.height) > self.max_image_pixels:
-                raise ImageLoadError(name, f"image of {photo.width}x{photo.height} pixels would become too large for the "
+            # Decoded as 'patchcore predict' decodes files (JPEGs at the scale the network needs).
+            photo = read_image(data, name=name, max_pixels=self.max_image_pixels, formats=UPLOAD_FORMATS,
+                               needed_size=transform.needed_size)
+            photo_width, photo_height = photo.info.get("original_size", photo.size)
+            height, width = transform.input_size(photo_width, photo_height)
+            if height * width > self.max_input_pixels or transform.resized_pixels(photo_width, photo_height) > self.max_image_pixels:
+                raise ImageLoadError(name, f"image of {photo_width}x{photo_height} pixels would become too large for the "
                                            f"model after its resize ({width}x{height} network input; limit "
                                            f"{self.max_input_pixels} pixels): extreme aspect ratio, or a model that keeps "
                                            "the photo's own size")
@@ -95,8 +98,8 @@ class InferenceRunner:
                 "score": prediction.score,
                 "is_anomalous": prediction.is_anomalous,
                 "threshold": served.threshold,
-                "width": photo.width,
-                "height": photo.height,
+                "width": photo_width,
+                "height": photo_height,
             }
             if need_map:
                 result.update(render_outputs(prediction, photo, served.model, self.max_map_side,

@@ -11,6 +11,7 @@ from PIL import Image
 
 from ..engine.overlay import colourise, heat_map_overlay, heat_scale
 from ..engine.prediction import Prediction
+from ..engine.scoring import resize_bilinear
 
 
 def png_base64(image: Image.Image) -> str:
@@ -26,14 +27,13 @@ def render_outputs(prediction: Prediction, photo: Image.Image, model, max_side: 
     Heat maps use the model's fixed colour scale (:func:`heat_scale`); the mask marks pixels at
     or above the model's pixel threshold (``None`` when it has none).
     """
-    pixel_map = prediction.anomaly_map
+    pixel_map = prediction.anomaly_map  # at the photo's own size
     pixel_threshold = getattr(model, "pixel_threshold_", None)
-    display, scaled = pixel_map, photo
-    if max(photo.width, photo.height) > max_side:
-        factor = max_side / max(photo.width, photo.height)
-        size = (max(1, round(photo.width * factor)), max(1, round(photo.height * factor)))
-        display = np.asarray(Image.fromarray(pixel_map, mode="F").resize(size, Image.BILINEAR))
-        scaled = photo.resize(size, Image.BILINEAR)
+    height, width = pixel_map.shape
+    factor = min(1.0, max_side / max(width, height))
+    size = (max(1, round(width * factor)), max(1, round(height * factor)))
+    display = pixel_map if size == (width, height) else resize_bilinear(pixel_map, (size[1], size[0]))
+    scaled = photo if photo.size == size else photo.resize(size, Image.BILINEAR)  # a JPEG may be decoded smaller
     low, high = heat_scale(model.normal_patch_score_mean_, model.normal_patch_score_std_, pixel_threshold)
     result: dict[str, Any] = {"map_scale": {"low": low, "high": high, "fixed": True},
                               "map_width": display.shape[1], "map_height": display.shape[0]}
