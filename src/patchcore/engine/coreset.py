@@ -24,7 +24,7 @@ MAX_RATIO = 1.0
 EXACT_LIMIT = 250_000
 #: Above it, greedy runs per chunk of this many patches, keeping OVERSAMPLING times the chunk's
 #: share, then once more over the union of the chunks' picks.
-CHUNK_SIZE = 100_000
+CHUNK_SIZE = 50_000
 OVERSAMPLING = 2.0
 
 
