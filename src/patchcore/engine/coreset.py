@@ -18,6 +18,8 @@ import math
 import numpy as np
 from tqdm.auto import tqdm
 
+from .patch_store import ArrayRows, PatchStore
+
 MIN_RATIO = 0.001
 MAX_RATIO = 1.0
 #: Up to this many training patches the coreset is the paper's greedy selection over all of them.
@@ -28,41 +30,88 @@ CHUNK_SIZE = 50_000
 OVERSAMPLING = 2.0
 
 
-def coreset_size(n_points: int, ratio: float) -> int:
-    """How many points a coreset of ``ratio`` keeps out of ``n_points`` (at least one)."""
+def coreset_size(n_points: int, ratio: float, max_size: int | None = None) -> int:
+    """How many points a coreset of ``ratio`` keeps out of ``n_points`` (at least one, at most ``max_size``)."""
     if not MIN_RATIO <= ratio <= MAX_RATIO:
         raise ValueError(f"coreset ratio must lie between {MIN_RATIO} and {MAX_RATIO}, got {ratio}")
-    return max(1, min(n_points, int(math.ceil(n_points * ratio))))
+    if max_size is not None and max_size < 1:
+        raise ValueError(f"the largest memory bank must hold at least one vector, got {max_size}")
+    size = max(1, min(n_points, int(math.ceil(n_points * ratio))))
+    return size if max_size is None else min(size, max_size)
+
+
+def projection_matrix(width: int, projection_dim: int, seed: int) -> np.ndarray | None:
+    """The seeded Gaussian projection to ``projection_dim`` dimensions (None: already that narrow)."""
+    if width <= projection_dim:
+        return None
+    matrix = np.random.default_rng(seed).standard_normal((width, projection_dim), dtype=np.float32)
+    return matrix / np.float32(math.sqrt(projection_dim))
 
 
 def random_projection(features: np.ndarray, projection_dim: int, seed: int, chunk: int = 65536) -> np.ndarray:
     """Project rows of ``features`` with a seeded Gaussian matrix; identity if already narrow."""
-    if features.shape[1] <= projection_dim:
+    matrix = projection_matrix(features.shape[1], projection_dim, seed)
+    if matrix is None:
         return np.ascontiguousarray(features, dtype=np.float32)
-    rng = np.random.default_rng(seed)
-    matrix = rng.standard_normal((features.shape[1], projection_dim), dtype=np.float32)
-    matrix /= np.float32(math.sqrt(projection_dim))
     projected = np.empty((features.shape[0], projection_dim), dtype=np.float32)
     for start in range(0, features.shape[0], chunk):  # chunks bound the temporary memory
-        np.matmul(features[start : start + chunk], matrix, out=projected[start : start + chunk])
+        np.matmul(np.asarray(features[start : start + chunk], dtype=np.float32), matrix, out=projected[start : start + chunk])
     return projected
+
+
+def projected(rows: np.ndarray, matrix: np.ndarray | None) -> np.ndarray:
+    """Rows projected and centred (squared distances expanded as |p|^2 - 2 p.c + |c|^2 keep their
+    precision when the vectors share a large common offset)."""
+    points = np.array(rows if matrix is None else rows @ matrix, dtype=np.float32)
+    points -= points.mean(axis=0, dtype=np.float64).astype(np.float32)
+    return points
 
 
 SAMPLERS = ("greedy", "random")
 
 
 def select_coreset(
-    features: np.ndarray, ratio: float, sampler: str = "greedy", projection_dim: int = 128, seed: int = 0,
+    source: PatchStore | ArrayRows | np.ndarray,
+    n_select: int,
+    sampler: str = "greedy",
+    projection_dim: int = 128,
+    seed: int = 0,
     progress: bool = False,
+    exact_limit: int = EXACT_LIMIT,
+    chunk_size: int = CHUNK_SIZE,
 ) -> np.ndarray:
-    """Indices of the rows kept in the memory bank: the greedy coreset, or (the paper's baseline)
-    the same number of rows drawn uniformly at random with ``seed``."""
-    if sampler == "greedy":
-        return greedy_coreset(features, ratio, projection_dim, seed, progress)
+    """Indices of the ``n_select`` rows of ``source`` kept in the memory bank, in the order chosen.
+
+    ``sampler="random"`` draws them uniformly with ``seed`` (the paper's baseline). ``"greedy"`` is
+    the paper's k-center coreset on a seeded random projection, the first centre drawn with
+    ``seed``. Up to ``exact_limit`` rows it is the greedy selection over all of them. Above it,
+    greedy k-center composes (Malkomes et al., NeurIPS 2015): greedy keeps ``OVERSAMPLING`` times
+    its share of each contiguous chunk of ``chunk_size`` rows, and greedy over the union of those
+    picks chooses the coreset. The work falls from O(rows x picks) to O(rows x chunk picks), which
+    is linear in the rows once ``n_select`` is capped, and only a chunk is in memory at a time;
+    the coverage radius (the farthest any row lies from the coreset) stays close to the full
+    greedy's (``benchmarks/bench_memory.py`` compares them).
+    """
+    source = ArrayRows(source) if isinstance(source, np.ndarray) else source
+    n_points = len(source)
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}: use one of {', '.join(SAMPLERS)}")
+    rng = np.random.default_rng(seed)
+    if n_select >= n_points:
+        return np.arange(n_points)
     if sampler == "random":
-        n_select = coreset_size(features.shape[0], ratio)
-        return np.random.default_rng(seed).choice(features.shape[0], size=n_select, replace=False)
-    raise ValueError(f"unknown sampler {sampler!r}: use one of {', '.join(SAMPLERS)}")
+        return rng.choice(n_points, size=n_select, replace=False)
+    matrix = projection_matrix(source.width, projection_dim, seed)
+    if n_points <= exact_limit:
+        points = projected(source.read(0, n_points), matrix)
+        return farthest_point_order(points, n_select, first=int(rng.integers(n_points)), progress=progress)
+    picks = []
+    for start in tqdm(range(0, n_points, chunk_size), desc="coreset chunks", unit="chunk", disable=not progress):
+        points = projected(source.read(start, start + chunk_size), matrix)
+        share = min(len(points), int(math.ceil(len(points) * n_select / n_points * OVERSAMPLING)))
+        picks.append(start + farthest_point_order(points, share))
+    union = np.sort(np.concatenate(picks))
+    return union[farthest_point_order(projected(source.take(union), matrix), n_select, progress=progress)]
 
 
 def greedy_coreset(
@@ -74,37 +123,10 @@ def greedy_coreset(
     exact_limit: int = EXACT_LIMIT,
     chunk_size: int = CHUNK_SIZE,
 ) -> np.ndarray:
-    """Indices of the greedy k-center coreset of ``features`` (rows), in the order chosen.
-
-    ``ratio`` is the kept fraction (0.001 to 1). The first centre is drawn with ``seed``.
-
-    Up to ``exact_limit`` rows this is the paper's greedy selection over all of them. Above it,
-    greedy k-center composes (Malkomes et al., NeurIPS 2015): the rows are split at random
-    (``seed``) into chunks of ``chunk_size``, greedy keeps ``OVERSAMPLING`` times its share of each
-    chunk, and greedy over the union of those picks chooses the coreset. The work falls from
-    O(rows x picks) to O(rows x chunk picks); the coverage radius (the farthest any row lies from
-    the coreset) stays close to the full greedy's (measured in ``benchmarks/coreset_scaling.py``).
-    """
-    n_points = features.shape[0]
-    n_select = coreset_size(n_points, ratio)
-    if n_select >= n_points:
-        return np.arange(n_points)
-    points = random_projection(features, projection_dim, seed)
-    # Centred: squared distances expanded as |p|^2 - 2 p.c + |c|^2 keep their precision when the
-    # vectors share a large common offset.
-    points -= points.mean(axis=0, dtype=np.float64).astype(np.float32)
-    rng = np.random.default_rng(seed)
-    if n_points <= exact_limit:
-        return farthest_point_order(points, n_select, first=int(rng.integers(n_points)), progress=progress)
-    shuffled = rng.permutation(n_points)
-    picks = []
-    chunks = range(0, n_points, chunk_size)
-    for start in tqdm(chunks, desc="coreset chunks", unit="chunk", disable=not progress):
-        rows = np.sort(shuffled[start : start + chunk_size])
-        share = min(len(rows), int(math.ceil(len(rows) * n_select / n_points * OVERSAMPLING)))
-        picks.append(rows[farthest_point_order(points[rows], share)])
-    union = np.sort(np.concatenate(picks))
-    return union[farthest_point_order(points[union], n_select, progress=progress)]
+    """Indices of the greedy k-center coreset keeping ``ratio`` of the rows of ``features`` (see
+    :func:`select_coreset`)."""
+    return select_coreset(features, coreset_size(features.shape[0], ratio), "greedy", projection_dim, seed, progress,
+                          exact_limit, chunk_size)
 
 
 def _bounding_sketch(points: np.ndarray, dims: int) -> np.ndarray:

@@ -161,6 +161,24 @@ class Detector:
                    f"pixel false-positive rate <= {max_pixel_false_positive_rate}",
         )
 
+    def bank_tensors(self) -> dict[str, np.ndarray]:
+        """The arrays a saved model keeps of its memory bank: the vectors and where each came from."""
+        tensors = {"memory_bank": self.memory_bank_}
+        if getattr(self, "memory_bank_origin_", None) is not None:
+            tensors["origin"] = self.memory_bank_origin_
+        return tensors
+
+    def bank_state(self) -> dict:
+        """The training images the bank's vectors came from (names and sizes), for evidence."""
+        return {"training_images": getattr(self, "training_images_", None)}
+
+    def restore_bank(self, tensors: dict[str, np.ndarray], state: dict) -> None:
+        """The inverse of :meth:`bank_tensors` and :meth:`bank_state`."""
+        self._set_memory_bank(tensors["memory_bank"])
+        if "origin" in tensors and state.get("training_images"):
+            self.memory_bank_origin_ = np.asarray(tensors["origin"], dtype=np.int32)
+            self.training_images_ = state["training_images"]
+
     def decision_state(self) -> dict:
         """What a saved model records besides its settings and tensors: thresholds and the normal scale."""
         return {

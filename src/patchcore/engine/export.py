@@ -61,6 +61,7 @@ def export_model(model, directory: str | os.PathLike, format: str = "onnx") -> P
         "n_training_images": model.n_training_images_,
         "n_training_patches": model.n_training_patches_,
         **model.decision_state(),
+        **model.bank_state(),
     }
-    return persistence.write_model(directory, settings, state, {"memory_bank": {"memory_bank": model.memory_bank_}},
+    return persistence.write_model(directory, settings, state, {"memory_bank": model.bank_tensors()},
                                    blobs=blobs, format_name=persistence.EXPORT_FORMAT_NAME)

@@ -17,6 +17,7 @@ from .approximate_search import KINDS as APPROXIMATE_KINDS
 from .backbone_specs import BackboneSpec, resolve_spec
 from .backbones import build_network, create_backbone
 from .coreset import SAMPLERS, coreset_size, select_coreset
+from .patch_store import ArrayRows, PatchStore
 from .detector import Detector, embed_batches
 from .embedding import feature_pipeline
 from .geometry import parse_resize
@@ -43,6 +44,8 @@ class PatchCore(BaseEstimator, Detector):
     feature_width: width of the patch features (default per backbone; never wider than its channels).
     neighbourhood: side of the local neighbourhood averaged around each patch (paper: 3).
     coreset_ratio: share of training patches kept in the memory bank, 0.001 to 1 (paper: 0.1).
+    max_bank_size: the most vectors the memory bank keeps, whatever the ratio (``None``: no cap). It
+        bounds the search time of every prediction and keeps fitting linear in the training set.
     sampler: ``"greedy"`` k-center coreset (the paper's) or ``"random"`` (the paper's baseline).
     projection_dim: dimensions of the random projection used by the coreset selection (paper: 128).
     num_neighbours: ``b`` of the paper's eq. 7 re-weighting (paper: 9); ``reweight=False`` uses the plain maximum.
@@ -74,6 +77,7 @@ class PatchCore(BaseEstimator, Detector):
         feature_width: int | None = DEFAULTS["feature_width"],
         neighbourhood: int = DEFAULTS["neighbourhood"],
         coreset_ratio: float = DEFAULTS["coreset_ratio"],
+        max_bank_size: int | None = DEFAULTS["max_bank_size"],
         sampler: str = DEFAULTS["sampler"],
         projection_dim: int = DEFAULTS["projection_dim"],
         num_neighbours: int = DEFAULTS["num_neighbours"],
@@ -98,6 +102,7 @@ class PatchCore(BaseEstimator, Detector):
         self.feature_width = feature_width
         self.neighbourhood = neighbourhood
         self.coreset_ratio = coreset_ratio
+        self.max_bank_size = max_bank_size
         self.sampler = sampler
         self.projection_dim = projection_dim
         self.num_neighbours = num_neighbours
@@ -128,7 +133,7 @@ class PatchCore(BaseEstimator, Detector):
         return params
 
     def _validate_settings(self) -> None:
-        coreset_size(1, self.coreset_ratio)  # raises on an out-of-range ratio
+        coreset_size(1, self.coreset_ratio, self.max_bank_size)  # raises on an out-of-range ratio or cap
         if self.sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
         if self.num_neighbours < 1:
@@ -190,15 +195,18 @@ class PatchCore(BaseEstimator, Detector):
     def fit(self, images: ImageSource | Iterable[ImageSource], on_error: ErrorHandler | None = None) -> "PatchCore":
         """Build the memory bank from images of good products: paths, folders, PIL images or arrays.
 
-        Every fitted attribute is reset first. A bad image raises :class:`ImageLoadError` naming it,
-        unless ``on_error`` takes it (then it is skipped).
+        Every fitted attribute is reset first. Memory stays bounded whatever the number of images:
+        the training patches wait on disk in an anonymous temporary file (:class:`PatchStore`,
+        gone when the fit ends, however it ends). A bad image raises :class:`ImageLoadError` naming
+        it, unless ``on_error`` takes it (then it is skipped).
         """
         self._reset()
-        features = self.extract_patches(images, on_error)
-        return self.fit_patches(features)
+        with self.extract_patches(images, on_error) as patches:
+            return self.fit_patches(patches)
 
-    def extract_patches(self, images: ImageSource | Iterable[ImageSource], on_error: ErrorHandler | None = None) -> np.ndarray:
-        """The patch features ``(patches, width)`` of training images, all in one matrix.
+    def extract_patches(self, images: ImageSource | Iterable[ImageSource], on_error: ErrorHandler | None = None) -> PatchStore:
+        """The patch features of training images, with where each came from, in a :class:`PatchStore`
+        (close it when done: ``with model.extract_patches(images) as patches: ...``).
 
         Loads the backbone first if needed. :meth:`fit` is ``fit_patches(extract_patches(images))``;
         the two steps are public so that experiments can study the patches themselves.
@@ -212,45 +220,50 @@ class PatchCore(BaseEstimator, Detector):
             timings["backbone_load"] = time.perf_counter() - started
         sources = expand_sources(images)
         started = time.perf_counter()
-        features = None
-        filled = used_images = 0
-        for batch, batch_features in embed_batches(sources, self.transform_, self.embedding_, self.batch_size,
-                                                   progress=self.progress, on_error=on_error):
-            flat = batch_features.reshape(-1, batch_features.shape[-1])
-            if features is None:  # sized from the first batch: peak memory stays near the feature matrix
-                per_image = len(flat) // len(batch.names)
-                features = np.empty((len(sources) * per_image, flat.shape[1]), dtype=np.float32)
-            if filled + len(flat) > len(features):  # photos of other sizes: grow geometrically
-                grown = np.empty((max(filled + len(flat), int(len(features) * 1.5)), flat.shape[1]), dtype=np.float32)
-                grown[:filled] = features[:filled]
-                features = grown
-            features[filled : filled + len(flat)] = flat
-            filled += len(flat)
-            used_images += len(batch.names)
-        if features is None:
+        store = PatchStore(self.network_.width)
+        sizes = []
+        try:
+            for batch, features in embed_batches(sources, self.transform_, self.embedding_, self.batch_size,
+                                                 progress=self.progress, on_error=on_error):
+                for name, grid, placement in zip(batch.names, features, batch.placements):
+                    store.append_image(name, grid)
+                    sizes.append(list(placement.image_size))
+        except BaseException:
+            store.close()
+            raise
+        if not len(store):
+            store.close()
             raise ValueError("no usable training images: every image was skipped")
         timings["features"] = time.perf_counter() - started
-        self.n_training_images_ = used_images
+        store.image_sizes = sizes
         self.extract_timings_ = timings
-        return features[:filled]
+        return store
 
-    def fit_patches(self, features: np.ndarray) -> "PatchCore":
-        """Choose the memory bank from training patch features made by :meth:`extract_patches`."""
+    def fit_patches(self, patches: PatchStore | np.ndarray) -> "PatchCore":
+        """Choose the memory bank from training patches made by :meth:`extract_patches` (or a
+        plain feature matrix, whose rows then have no training image to point back to)."""
         self._validate_settings()
         if not hasattr(self, "embedding_"):
             raise NotFittedError("fit_patches needs the backbone: call extract_patches(images) first")
+        source = ArrayRows(patches) if isinstance(patches, np.ndarray) else patches
         timings = dict(getattr(self, "extract_timings_", {}))
         started = time.perf_counter()
-        kept = select_coreset(features, self.coreset_ratio, self.sampler, self.projection_dim, self.seed, self.progress)
+        n_select = coreset_size(len(source), self.coreset_ratio, self.max_bank_size)
+        kept = select_coreset(source, n_select, self.sampler, self.projection_dim, self.seed, self.progress)
         timings["coreset"] = time.perf_counter() - started
-        self.n_training_patches_ = int(features.shape[0])
+        self.n_training_patches_ = len(source)
         self.coreset_indices_ = np.sort(kept)
         started = time.perf_counter()
-        self._set_memory_bank(features[self.coreset_indices_])
+        self._set_memory_bank(source.take(self.coreset_indices_))
         timings["index"] = time.perf_counter() - started
+        self.n_training_images_ = len(source.image_names) if isinstance(source, PatchStore) else None
+        if isinstance(source, PatchStore):  # where each bank vector came from: evidence for verdicts
+            self.training_images_ = [{"name": name, "size": size}
+                                     for name, size in zip(source.image_names, getattr(source, "image_sizes", []))]
+            self.memory_bank_origin_ = source.origins(self.coreset_indices_)
         # Patch scores of good training patches: the scale of "normal", for comparing models.
         rng = np.random.default_rng(self.seed)
-        reference = features[np.sort(rng.choice(len(features), min(len(features), REFERENCE_PATCHES), replace=False))]
+        reference = source.take(np.sort(rng.choice(len(source), min(len(source), REFERENCE_PATCHES), replace=False)))
         reference_scores = self.score_patches(reference)[0]
         self.normal_patch_score_mean_ = float(reference_scores.mean())
         self.normal_patch_score_std_ = float(max(reference_scores.std(), 1e-12))
@@ -276,9 +289,10 @@ class PatchCore(BaseEstimator, Detector):
                 "n_training_images": self.n_training_images_,
                 "n_training_patches": self.n_training_patches_,
                 **self.decision_state(),
+                **self.bank_state(),
             },
             tensors={
-                "memory_bank": {"memory_bank": self.memory_bank_},
+                "memory_bank": self.bank_tensors(),
                 # Batch-norm step counters only matter for training (and are 0-d, which numpy files widen).
                 "backbone": {name: value.detach().cpu().numpy() for name, value in self.backbone_.network.state_dict().items()
                              if not name.endswith("num_batches_tracked")},
@@ -309,7 +323,7 @@ class PatchCore(BaseEstimator, Detector):
             model._build(spec, backbone)
             model.n_training_images_ = state["n_training_images"]
             model.n_training_patches_ = state["n_training_patches"]
-            model._set_memory_bank(tensors["memory_bank"]["memory_bank"])
+            model.restore_bank(tensors["memory_bank"], state)
             model.restore_decision_state(state)
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelFormatError(f"{directory}: saved model is inconsistent ({type(exc).__name__}: {exc})") from exc

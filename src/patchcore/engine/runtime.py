@@ -65,7 +65,7 @@ class ExportedModel(Detector):
                                               model.tile_overlap, model.batch_size)
             model.n_training_images_ = state["n_training_images"]
             model.n_training_patches_ = state["n_training_patches"]
-            model._set_memory_bank(tensors["memory_bank"]["memory_bank"])
+            model.restore_bank(tensors["memory_bank"], state)
             model.restore_decision_state(state)
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelFormatError(f"{directory}: export is inconsistent ({type(exc).__name__}: {exc})") from exc

@@ -17,6 +17,7 @@ DEFAULTS: dict[str, Any] = {
     "feature_width": None,
     "neighbourhood": 3,
     "coreset_ratio": 0.1,
+    "max_bank_size": None,
     "sampler": "greedy",
     "projection_dim": 128,
     "num_neighbours": 9,

@@ -65,11 +65,11 @@ def default_layer_sets(backbone: str) -> list[list[str]]:
 
 def fit_measuring_coverage(model: PatchCore, train: list) -> dict:
     """Fit in the two public steps and measure the coverage radius of the bank over every training patch."""
-    features = model.extract_patches(train)
-    model.fit_patches(features)
-    if features.shape[0] * len(model.coreset_indices_) > COVERAGE_LIMIT:
-        return {"coverage_radius": None}
-    return {"coverage_radius": coverage_radius(features, model.coreset_indices_)}
+    with model.extract_patches(train) as patches:
+        model.fit_patches(patches)
+        if len(patches) * len(model.coreset_indices_) > COVERAGE_LIMIT:
+            return {"coverage_radius": None}
+        return {"coverage_radius": coverage_radius(patches.read(0, len(patches)), model.coreset_indices_)}
 
 
 def build_spec(name: str, options: ExperimentOptions, base: dict) -> Spec:
