@@ -125,6 +125,12 @@ def test_upload_shows_score_overlay_and_history(browser, server_url, tmp_path):
     assert float(browser.find_element(By.ID, "score").text) > score
     newest = browser.find_elements(By.CSS_SELECTOR, "#history li")[0]
     assert "defect.png" in newest.text
+    # Evidence: each anomalous patch beside the training patch it was measured against.
+    assert browser.find_element(By.ID, "evidence-section").is_displayed()
+    figures = browser.find_elements(By.CSS_SELECTOR, "#evidence figure")
+    assert len(figures) == 3 and "nearest normal" in figures[0].text
+    wait.until(lambda d: d.execute_script(
+        "return document.querySelector('#evidence img').naturalWidth") > 128)  # two crops side by side
 
     _upload(browser, BAD_INPUTS / "truncated.png")
     wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#history li")) == 3)

@@ -102,9 +102,11 @@ def test_evaluate_command_end_to_end(mvtec_root, tmp_path, capsys):
     sources = re.findall(r"src='([^']+)'|src=\"([^\"]+)\"", text)
     sources = [a or b for a, b in sources]
     assert "roc.png" in sources and "pro.png" in sources and len(sources) >= 2 + 6
+    # Each worst case shown with its evidence: the anomalous patch beside its nearest normal patch.
+    assert sum(source.endswith("-evidence.png") for source in sources) == 6 and "nearest normal patch" in text
     for source in sources:
         assert (report.parent / source).is_file(), source
-    overlays = sorted((out / "widget" / "images").glob("*.png"))
+    overlays = sorted(p for p in (out / "widget" / "images").glob("*.png") if not p.name.endswith("-evidence.png"))
     assert len(overlays) == 6
     with Image.open(overlays[0]) as overlay:
         assert overlay.height == SIZE and overlay.width > 2 * SIZE

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import sys
 from pathlib import Path
 from typing import Iterable
@@ -11,6 +12,7 @@ from typing import Iterable
 import numpy as np
 from PIL import Image
 
+from ..engine.evidence import evidence_picture
 from ..engine.loading import load_model
 from ..engine.overlay import heat_map_overlay, heat_scale, side_by_side
 from ..engine.prediction import Prediction
@@ -27,6 +29,9 @@ def add_parser(commands) -> None:
     parser.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="folder for scores.csv and overlays/")
     parser.add_argument("--no-overlays", action="store_true", help="write scores (and masks) only")
     parser.add_argument("--batch-size", type=positive_int, default=None, help="images per forward pass (default: as fitted)")
+    parser.add_argument("--evidence", type=int, default=0, metavar="N",
+                        help="for the N most anomalous patches of each image, the nearest normal patch of the training "
+                             "images: evidence.json and evidence/ crops (default: 0, none)")
     add_runtime_options(parser)
     parser.set_defaults(handler=run)
 
@@ -48,24 +53,39 @@ class OutputNames:
         return name + ".png"
 
 
-def write_predictions(model, predictions: Iterable[Prediction], output: Path, overlays: bool = True) -> list[Prediction]:
+def write_predictions(model, predictions: Iterable[Prediction], output: Path, overlays: bool = True,
+                      evidence: bool = False) -> list[Prediction]:
     """Write each prediction as it arrives: a line of ``scores.csv`` (path, score[, is_anomalous]),
     its heat-map overlay, and with a pixel threshold its binary defect mask.
 
     Overlays share the model's fixed colour scale (:func:`heat_scale`), so colours compare across
-    images and runs; each photo is decoded once, for scoring and drawing. An interrupted run keeps
-    every line written so far. Returns the predictions (without their maps and photos).
+    images and runs; each photo is decoded once, for scoring and drawing. With ``evidence``, each
+    prediction's evidence goes to ``evidence.json`` (written at the end, or when interrupted) and a picture
+    of each item (the patch beside its nearest normal patch) to ``evidence/``. An interrupted run
+    keeps every line written so far. Returns the predictions (without their maps and photos).
     """
     output.mkdir(parents=True, exist_ok=True)
     decided = getattr(model, "threshold_", None) is not None
     pixel_threshold = getattr(model, "pixel_threshold_", None)
     low, high = heat_scale(model.normal_patch_score_mean_, model.normal_patch_score_std_, pixel_threshold)
-    names = OutputNames()
     if overlays:
         (output / "overlays").mkdir(exist_ok=True)
     if pixel_threshold is not None:
         (output / "masks").mkdir(exist_ok=True)
+    if evidence:
+        (output / "evidence").mkdir(exist_ok=True)
+    found: dict[str, list[dict]] = {}
     done: list[Prediction] = []
+    try:
+        _write_rows(model, predictions, output, overlays, evidence, decided, low, high, found, done)
+    finally:  # also when interrupted: the evidence of every image written so far
+        if evidence:
+            (output / "evidence.json").write_text(json.dumps(found, indent=2) + "\n")
+    return done
+
+
+def _write_rows(model, predictions, output, overlays, evidence, decided, low, high, found, done) -> None:
+    names = OutputNames()
     with open(output / "scores.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["path", "score"] + (["is_anomalous"] if decided else []))
@@ -81,9 +101,14 @@ def write_predictions(model, predictions: Iterable[Prediction], output: Path, ov
                 side_by_side(photo, heat_map_overlay(photo, heat, low, high)).save(output / "overlays" / name)
             if prediction.mask is not None:
                 Image.fromarray(prediction.mask.astype(np.uint8) * 255).save(output / "masks" / name)
+            if evidence:
+                found[prediction.name] = []
+                for k, item in enumerate(prediction.evidence, 1):
+                    picture = f"{name[:-4]}-{k}.png"
+                    evidence_picture(prediction.image, item).save(output / "evidence" / picture)
+                    found[prediction.name].append({**item.to_dict(), "picture": f"evidence/{picture}"})
             prediction.anomaly_map = prediction.mask = prediction.image = None
             done.append(prediction)
-    return done
 
 
 def run(args: argparse.Namespace) -> int:
@@ -94,8 +119,13 @@ def run(args: argparse.Namespace) -> int:
         model.batch_size = args.batch_size
     skipped = SkippedImages()
     want_maps = not args.no_overlays or getattr(model, "pixel_threshold_", None) is not None
-    stream = model.iter_predict(args.inputs, maps=want_maps, on_error=skipped, keep_images=not args.no_overlays)
-    predictions = write_predictions(model, stream, Path(args.output), overlays=not args.no_overlays)
+    if args.evidence and getattr(model, "memory_bank_origin_", None) is None:
+        raise ValueError(f"{args.model}: the model does not record where its memory bank came from (saved by an older "
+                         "patchcore); fit it again for --evidence")
+    stream = model.iter_predict(args.inputs, maps=want_maps, on_error=skipped,
+                                keep_images=not args.no_overlays or args.evidence > 0, evidence=args.evidence)
+    predictions = write_predictions(model, stream, Path(args.output), overlays=not args.no_overlays,
+                                    evidence=args.evidence > 0)
     for prediction in predictions:
         verdict = "" if prediction.is_anomalous is None else ("  ANOMALOUS" if prediction.is_anomalous else "  ok")
         print(f"{prediction.score:10.4f}{verdict}  {prediction.name}")

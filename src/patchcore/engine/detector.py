@@ -18,7 +18,7 @@ from .approximate_search import KINDS as APPROXIMATE_KINDS
 from .approximate_search import ApproximateIndex
 from .geometry import InputTransform
 from .images import ImageSource, LoadedBatch, expand_sources, iterate_batches
-from .prediction import ErrorHandler, Prediction
+from .prediction import ErrorHandler, Evidence, Prediction
 from .scoring import anomaly_map, network_map, reweighted_image_score
 from .search import MemoryBankIndex
 from .thresholds import flagging_threshold
@@ -80,19 +80,21 @@ class Detector:
 
     def predict(
         self, images: ImageSource | Iterable[ImageSource], maps: bool = True, on_error: ErrorHandler | None = None,
-        keep_images: bool = False,
+        keep_images: bool = False, evidence: int = 0,
     ) -> list[Prediction]:
         """Score images; with ``maps`` also return each anomaly map at the image's original size.
 
         A bad image raises :class:`ImageLoadError` naming it, unless ``on_error`` takes it (then it
-        is skipped). ``keep_images`` returns each decoded photo with its prediction.
+        is skipped). ``keep_images`` returns each decoded photo with its prediction. ``evidence``:
+        for that many of the most anomalous patches (apart from each other), the nearest normal
+        patch of the training images (:class:`~patchcore.engine.prediction.Evidence`).
         """
         self._check_fitted()
-        return list(self.iter_predict(images, maps, on_error, keep_images))
+        return list(self.iter_predict(images, maps, on_error, keep_images, evidence))
 
     def iter_predict(
         self, images: ImageSource | Iterable[ImageSource], maps: bool = True, on_error: ErrorHandler | None = None,
-        keep_images: bool = False,
+        keep_images: bool = False, evidence: int = 0,
     ) -> Iterator[Prediction]:
         """As :meth:`predict`, one result at a time, so that long runs keep what is done."""
         self._check_fitted()
@@ -114,9 +116,39 @@ class Detector:
                 t2 = time.perf_counter()
                 timings = {"backbone": backbone_seconds, "search": t1 - t0, "map": t2 - t1}
                 image = batch.images[i] if keep_images else None
-                prediction = Prediction(name, score, pixel_map, grid, timings, placement=placement, image=image)
+                prediction = Prediction(name, score, pixel_map, grid, timings, placement=placement, image=image,
+                                        evidence=self.evidence_for(grid, nearest, placement, evidence))
                 yield prediction.decide(getattr(self, "threshold_", None), getattr(self, "pixel_threshold_", None))
             started = time.perf_counter()
+
+    def evidence_for(self, patch_scores: np.ndarray, nearest: np.ndarray, placement, count: int,
+                     spacing: int = 2) -> list[Evidence]:
+        """The ``count`` highest-scoring patches of a grid, no two within ``spacing`` cells of each
+        other, each with the training patch its score was measured against (none when the bank's
+        origins are unknown, as for a model fitted on a bare feature matrix)."""
+        origins = getattr(self, "memory_bank_origin_", None)
+        if count <= 0 or origins is None:
+            return []
+        rows, columns = patch_scores.shape
+        cell = self.embedding_.cell
+        chosen: list[tuple[int, int, int]] = []
+        for flat in np.argsort(-patch_scores, axis=None, kind="stable"):
+            row, column = divmod(int(flat), columns)
+            if all(abs(row - r) > spacing or abs(column - c) > spacing for r, c, _ in chosen):
+                chosen.append((row, column, int(flat)))
+                if len(chosen) == count:
+                    break
+        found = []
+        for row, column, flat in chosen:
+            image, training_row, training_column = (int(v) for v in origins[int(nearest[flat])])
+            training = self.training_images_[image]
+            training_box = None
+            if training.get("size"):
+                height, width = training["size"]
+                training_box = self.transform_.placement(width, height).patch_box(training_row, training_column, cell)
+            found.append(Evidence(row, column, placement.patch_box(row, column, cell), float(patch_scores[row, column]),
+                                  training["name"], training_row, training_column, training_box))
+        return found
 
     def anomaly_map_of(self, prediction: Prediction) -> np.ndarray:
         """The anomaly map of a prediction made with ``maps=False``, over its whole photo."""

@@ -40,6 +40,18 @@ class Placement:
     content_size: tuple[int, int]
     input_size: tuple[int, int]
 
+    def patch_box(self, row: int, column: int, cell: int, margin: int = 1) -> tuple[int, int, int, int]:
+        """The photo's pixels (left, top, right, bottom) under patch (row, column) of a grid of
+        ``cell``-pixel cells, widened by ``margin`` cells (the neighbourhood the feature averages)."""
+        left, top, right, bottom = self.box
+        scale_x = (right - left) / self.content_size[1]
+        scale_y = (bottom - top) / self.content_size[0]
+        x0, x1 = (column - margin) * cell, (column + 1 + margin) * cell
+        y0, y1 = (row - margin) * cell, (row + 1 + margin) * cell
+        height, width = self.image_size
+        return (max(0, int(np.floor(left + x0 * scale_x))), max(0, int(np.floor(top + y0 * scale_y))),
+                min(width, int(np.ceil(left + x1 * scale_x))), min(height, int(np.ceil(top + y1 * scale_y))))
+
     @property
     def covers_image(self) -> bool:
         """Whether the network saw every pixel of the photo (no crop)."""
@@ -126,6 +138,20 @@ class InputTransform:
     def needed_size(self, width: int, height: int) -> tuple[int, int]:
         """(width, height) the photo must at least have for this transform (its resized size)."""
         return resized_size(width, height, self.resize)
+
+    def placement(self, width: int, height: int) -> Placement:
+        """Where the input made from a ``width`` x ``height`` photo comes from (no pixels needed)."""
+        new_width, new_height = resized_size(width, height, self.resize)
+        scale_x, scale_y = new_width / width, new_height / height
+        left = top = 0
+        content_width, content_height = new_width, new_height
+        if self.crop is not None:
+            left = int(round((new_width - self.crop) / 2.0))
+            top = int(round((new_height - self.crop) / 2.0))
+            content_width = content_height = self.crop
+        box = (left / scale_x, top / scale_y, (left + content_width) / scale_x, (top + content_height) / scale_y)
+        content = (content_height, content_width)
+        return Placement((height, width), box, content, (padded(content_height, self.stride), padded(content_width, self.stride)))
 
     def __call__(self, image: Image.Image) -> tuple[np.ndarray, Placement]:
         """The normalised network input ``(3, H, W)`` float32 and where it came from.

@@ -50,3 +50,30 @@ def heat_scale(normal_mean: float, normal_std: float, pixel_threshold: float | N
     if pixel_threshold is not None and pixel_threshold > low:
         return low, low + 2.0 * (float(pixel_threshold) - low)
     return low, low + 8.0 * max(float(normal_std), 1e-12)
+
+
+def evidence_pair(photo: Image.Image, box: tuple[int, int, int, int], training_photo: Image.Image | None,
+                  training_box: tuple[int, int, int, int] | None, side: int = 128, gap: int = 6) -> Image.Image:
+    """The anomalous patch (left) beside its nearest normal patch from the training images (right),
+    each cropped from its photo at the photo's own resolution and shown ``side`` pixels high; the
+    right half is grey when that training photo cannot be read any more."""
+
+    def crop(image: Image.Image | None, region) -> Image.Image:
+        if image is None or region is None:
+            return Image.new("RGB", (side, side), (128, 128, 128))
+        part = image.convert("RGB").crop(region)
+        width = max(1, round(side * part.width / max(part.height, 1)))
+        return part.resize((width, side), Image.NEAREST if part.height < side else Image.BILINEAR)
+
+    left, right = crop(photo, box), crop(training_photo, training_box)
+    canvas = Image.new("RGB", (left.width + gap + right.width, side), "white")
+    canvas.paste(left, (0, 0))
+    canvas.paste(right, (left.width + gap, 0))
+    return canvas
+
+
+def scale_box(box: tuple[int, int, int, int], from_size: tuple[int, int], to_size: tuple[int, int]) -> tuple[int, int, int, int]:
+    """A box in pixels of a (width, height) ``from_size`` image, in pixels of ``to_size`` (the same photo decoded smaller)."""
+    sx, sy = to_size[0] / from_size[0], to_size[1] / from_size[1]
+    return (int(box[0] * sx), int(box[1] * sy), max(int(box[0] * sx) + 1, round(box[2] * sx)),
+            max(int(box[1] * sy) + 1, round(box[3] * sy)))

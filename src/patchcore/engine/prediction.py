@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -14,6 +14,30 @@ from .thresholds import defect_mask, is_anomalous
 
 #: Receives each image that could not be read, instead of the error being raised.
 ErrorHandler = Callable[[ImageLoadError], None]
+
+
+@dataclass
+class Evidence:
+    """Why a patch is anomalous: the nearest normal patch among the training images, and how far.
+
+    Boxes are (left, top, right, bottom) in each photo's own pixels, around the patch and its
+    neighbourhood.
+    """
+
+    #: The anomalous patch on the test image's grid, its box in the test photo, and its score
+    #: (the distance to the nearest normal patch).
+    row: int
+    column: int
+    box: tuple[int, int, int, int]
+    distance: float
+    #: The nearest normal patch: its training image (as it was given to fit), grid position and box.
+    training_image: str
+    training_row: int
+    training_column: int
+    training_box: tuple[int, int, int, int] | None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 @dataclass
@@ -37,6 +61,8 @@ class Prediction:
     placement: Placement | None = None
     #: The decoded photo, when asked for (``keep_images=True``), so that callers need not decode it again.
     image: Image.Image | None = None
+    #: For the most anomalous patches (when asked for), the nearest normal patches of the training images.
+    evidence: list[Evidence] = field(default_factory=list)
 
     def decide(self, threshold: float | None, pixel_threshold: float | None) -> "Prediction":
         """Set :attr:`is_anomalous` and :attr:`mask` from the thresholds (left ``None`` without them)."""

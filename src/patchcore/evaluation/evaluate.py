@@ -17,13 +17,14 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from PIL import Image
 
-from ..engine.images import unique_names
+from ..engine.evidence import evidence_picture
+from ..engine.images import read_image, unique_names
 from ..engine.model import PatchCore
 from . import metrics
 from .datasets import Dataset, TestSample, load_mask, load_mvtec_category, mvtec_categories
 from .figures import AUPRO_FPR_LIMIT, plot_curves
 from .panels import panel_size, resize_map, resize_mask, three_panels
-from .report import report_html
+from .report import report_html, worst_cases
 from .summary import KEYS, json_default, percent, write_summary
 
 
@@ -80,7 +81,10 @@ def evaluate_dataset(model, dataset: Dataset, output: Path | None, eval_size: in
     panels: list[tuple[Image.Image, np.ndarray, np.ndarray | None]] = []  # small photo, map, mask
     stage_seconds: dict[str, float] = {}
     predict_seconds = 0.0
-    predictions = model.iter_predict([s.path for s in samples], maps=True, keep_images=output is not None)
+    with_evidence = output is not None and getattr(model, "memory_bank_origin_", None) is not None
+    evidence: list[list] = []
+    predictions = model.iter_predict([s.path for s in samples], maps=True, keep_images=output is not None,
+                                     **({"evidence": 1} if with_evidence else {}))
     for i, sample in enumerate(samples):
         t0 = time.perf_counter()
         prediction = next(predictions)
@@ -88,6 +92,7 @@ def evaluate_dataset(model, dataset: Dataset, output: Path | None, eval_size: in
         for stage, seconds in prediction.timings.items():
             stage_seconds[stage] = stage_seconds.get(stage, 0.0) + seconds
         scores[i] = prediction.score
+        evidence.append(prediction.evidence)
         amap = np.asarray(prediction.anomaly_map, dtype=np.float32)
         height, width = amap.shape
         mask = load_mask(sample, (height, width)) if (with_masks or sample.mask_path is not None) else None
@@ -149,12 +154,13 @@ def evaluate_dataset(model, dataset: Dataset, output: Path | None, eval_size: in
     del metric_maps, metric_masks
 
     if output is not None:
-        _write_outputs(Path(output) / dataset.name, result, samples, scores, panels, curves)
+        _write_outputs(Path(output) / dataset.name, result, samples, scores, panels, curves, evidence)
     return result
 
 
 def _write_outputs(folder: Path, result: dict, samples: list[TestSample], scores: np.ndarray,
-                   panels: list[tuple[Image.Image, np.ndarray, np.ndarray | None]], curves: dict) -> None:
+                   panels: list[tuple[Image.Image, np.ndarray, np.ndarray | None]], curves: dict,
+                   evidence: list[list]) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "images").mkdir(exist_ok=True)
     low = min(float(m.min()) for _, m, _ in panels)
@@ -172,10 +178,16 @@ def _write_outputs(folder: Path, result: dict, samples: list[TestSample], scores
         three_panels(photo, panel_map, panel_mask, low, high, pixel_threshold).save(folder / name)
         files.append(name)
     result["overlay_threshold"] = float(pixel_threshold)
+    evidence_files: dict[int, tuple[str, object]] = {}
+    for i in worst_cases(samples, scores):  # the cases the report shows: their evidence, as pictures
+        if evidence[i]:
+            name = f"images/{stems[i]}-evidence.png"
+            evidence_picture(read_image(samples[i].path), evidence[i][0]).save(folder / name)
+            evidence_files[i] = (name, evidence[i][0])
     curve_files = plot_curves(folder, result, curves)
     (folder / "metrics.json").write_text(json.dumps(result, indent=2, default=json_default) + "\n")
-    (folder / "report.html").write_text(report_html(result, samples, scores, files, curve_files, threshold_source),
-                                        encoding="utf-8")
+    (folder / "report.html").write_text(report_html(result, samples, scores, files, curve_files, threshold_source,
+                                                    evidence_files), encoding="utf-8")
 
 
 # -- several data sets -----------------------------------------------------------------------

@@ -49,27 +49,51 @@ def _defect_section(result: dict) -> str:
             f"<table><tr><th>defect type</th><th>image AUROC</th></tr>{rows}</table>")
 
 
-def _gallery(indices: list[int], samples: list[TestSample], scores: np.ndarray, files: list[str], empty: str) -> str:
+#: How many of the worst false positives and false negatives the report shows.
+WORST_SHOWN = 6
+
+
+def worst_cases(samples: list[TestSample], scores: np.ndarray) -> list[int]:
+    """The highest-scoring good images and the lowest-scoring defective ones that the report shows."""
+    good = [i for i, s in enumerate(samples) if s.label == 0]
+    defective = [i for i, s in enumerate(samples) if s.label == 1]
+    return sorted(good, key=lambda i: -scores[i])[:WORST_SHOWN] + sorted(defective, key=lambda i: scores[i])[:WORST_SHOWN]
+
+
+def _evidence_block(item: tuple[str, object] | None) -> str:
+    if item is None:
+        return ""
+    picture, evidence = item
+    return (f"<img src='{html.escape(picture)}' alt='the most anomalous patch beside its nearest normal patch' "
+            f"loading='lazy'><figcaption>why: the most anomalous patch (left) is {evidence.distance:.3f} from its "
+            f"nearest normal patch (right), {html.escape(Path(evidence.training_image).name)} row "
+            f"{evidence.training_row} column {evidence.training_column}</figcaption>")
+
+
+def _gallery(indices: list[int], samples: list[TestSample], scores: np.ndarray, files: list[str], empty: str,
+             evidence: dict) -> str:
     esc = html.escape
     if not indices:
         return f"<p class='sub'>{esc(empty)}</p>"
     figures = [
         f"<figure><img src='{esc(files[i])}' alt='{esc(Path(samples[i].path).name)}' loading='lazy'>"
         f"<figcaption><b>{esc(samples[i].defect_type)}/{esc(Path(samples[i].path).name)}</b> - score {scores[i]:.4f}"
-        f"</figcaption></figure>"
+        f"</figcaption>{_evidence_block(evidence.get(i))}</figure>"
         for i in indices
     ]
     return "<div class='grid'>" + "".join(figures) + "</div>"
 
 
 def report_html(result: dict, samples: list[TestSample], scores: np.ndarray, files: list[str],
-                curve_files: dict[str, str], threshold_source: str) -> str:
-    """The page: metrics, per-defect AUROC, curves, the worst false positives and negatives, all images."""
+                curve_files: dict[str, str], threshold_source: str, evidence: dict | None = None) -> str:
+    """The page: metrics, per-defect AUROC, curves, the worst false positives and negatives (each
+    with its evidence when the model records it), all images."""
     esc = html.escape
+    evidence = evidence or {}
     good = [i for i, s in enumerate(samples) if s.label == 0]
     defective = [i for i, s in enumerate(samples) if s.label == 1]
-    worst_fp = sorted(good, key=lambda i: -scores[i])[:6]
-    worst_fn = sorted(defective, key=lambda i: scores[i])[:6]
+    worst_fp = sorted(good, key=lambda i: -scores[i])[:WORST_SHOWN]
+    worst_fn = sorted(defective, key=lambda i: scores[i])[:WORST_SHOWN]
     threshold = result.get("image_f1_threshold")
     all_rows = "".join(
         f"<tr><td>{esc(s.defect_type)}</td><td><a href='{esc(files[i])}'>{esc(Path(s.path).name)}</a></td>"
@@ -93,9 +117,9 @@ pixel metrics at {esc(str(result['pixel_eval_size'] or 'n/a'))} resolution</p>
 <span style="background:rgb{PREDICTED_COLOUR}"></span>predicted region ({esc(threshold_source)}, {result['overlay_threshold']:.4f})
 <span style="background:rgb{GROUND_TRUTH_COLOUR}"></span>ground truth</p>
 <h2>Worst false positives (highest-scoring good images)</h2>
-{_gallery(worst_fp, samples, scores, files, "no good test images")}
+{_gallery(worst_fp, samples, scores, files, "no good test images", evidence)}
 <h2>Worst false negatives (lowest-scoring defective images)</h2>
-{_gallery(worst_fn, samples, scores, files, "no defective test images")}
+{_gallery(worst_fn, samples, scores, files, "no defective test images", evidence)}
 <details><summary>All {len(samples)} test images by score (decision at the image F1-max threshold)</summary>
 <table><tr><th>type</th><th>image</th><th>score</th><th>decision</th></tr>{all_rows}</table></details>
 </body></html>

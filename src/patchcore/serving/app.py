@@ -202,15 +202,20 @@ def create_app(
             503: {"description": "overloaded; retry"},
         },
     )
-    async def predict(name: str, request: Request, map: bool = False, overlay: bool = False, mask: bool = False) -> dict:
+    async def predict(name: str, request: Request, map: bool = False, overlay: bool = False, mask: bool = False,
+                      evidence: int = 0) -> dict:
         """Score an image. `map=true` adds `anomaly_map_png` (base64 PNG heat map), `overlay=true` adds
         `overlay_png` (the heat map blended over the image), `mask=true` adds `mask_png` (binary mask
-        of pixels at or above the model's pixel threshold; null when it has none)."""
+        of pixels at or above the model's pixel threshold; null when it has none). `evidence=N` adds,
+        for the N most anomalous patches, the nearest normal patch of the training images (image,
+        position, distance) with `picture_png`: the patch beside that normal patch."""
+        if not 0 <= evidence <= 16:
+            raise ServiceError(422, f"evidence must lie between 0 and 16, got {evidence}")
         started = time.perf_counter()
         model = served(name)
         data, filename = await read_upload(request)
         received = time.perf_counter() - started
-        result = await run_in_threadpool(runner.score, model, data, filename, map, overlay, mask)
+        result = await run_in_threadpool(runner.score, model, data, filename, map, overlay, mask, evidence)
         result["timing_ms"] = {
             "total": round((time.perf_counter() - started) * 1000.0, 3),
             "receive": round(received * 1000.0, 3),

@@ -22,7 +22,8 @@ from ..errors import ImageLoadError
 from .guard import ServiceError
 from .metrics import Metrics
 from .models import ServedModel
-from .rendering import render_outputs
+from ..engine.evidence import evidence_picture
+from .rendering import png_base64, render_outputs
 
 #: Formats decoded from uploads; anything else is refused without trying other Pillow plugins.
 UPLOAD_FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "WEBP")
@@ -67,8 +68,9 @@ class InferenceRunner:
                 self.metrics.waiting -= 1
 
     def score(self, served: ServedModel, data: bytes, name: str, want_map: bool, want_overlay: bool,
-              want_mask: bool) -> dict[str, Any]:
-        """Decode ``data`` once, score it with ``served``, render what was asked for."""
+              want_mask: bool, evidence: int = 0) -> dict[str, Any]:
+        """Decode ``data`` once, score it with ``served``, render what was asked for; with ``evidence``,
+        that many anomalous patches each beside its nearest normal patch of the training images."""
         queued = time.perf_counter()
         self._take_slot()
         try:
@@ -89,7 +91,10 @@ class InferenceRunner:
                                            "the photo's own size")
             timings["decode"] = time.perf_counter() - t0
             need_map = want_map or want_overlay or (want_mask and served.pixel_threshold is not None)
-            prediction = self._pool.submit(served.model.predict, [photo], need_map).result()[0]
+            if evidence and getattr(served.model, "memory_bank_origin_", None) is None:
+                raise ServiceError(422, f"model {served.name!r} does not record where its memory bank came from "
+                                        "(saved by an older patchcore): it cannot give evidence")
+            prediction = self._pool.submit(served.model.predict, [photo], need_map, None, False, evidence).result()[0]
             for stage in ("backbone", "search", "map"):
                 timings[stage] = prediction.timings.get(stage, 0.0)
             t0 = time.perf_counter()
@@ -106,6 +111,9 @@ class InferenceRunner:
                                              want_map, want_overlay, want_mask))
             elif want_mask:
                 result["mask_png"] = None
+            if evidence:
+                result["evidence"] = [{**item.to_dict(), "picture_png": png_base64(evidence_picture(photo, item))}
+                                      for item in prediction.evidence]
             timings["encode"] = time.perf_counter() - t0
             result["timing_ms"] = {stage: round(seconds * 1000.0, 3) for stage, seconds in timings.items()}
             self.metrics.count_inference(served.name, "ok")

@@ -57,6 +57,7 @@ class ServedModel:
             "threshold": self.threshold,
             "pixel_threshold": self.pixel_threshold,
             "threshold_source": getattr(self.model, "threshold_source_", None),
+            "evidence": getattr(self.model, "memory_bank_origin_", None) is not None,
             "format_version": self.manifest.get("format_version"),
             "patchcore_version": self.manifest.get("patchcore_version"),
             "saved_at": self.manifest.get("saved_at"),

@@ -31,6 +31,7 @@
         const option = document.createElement("option");
         option.value = model.name;
         option.textContent = model.name;
+        option.dataset.evidence = model.evidence ? "3" : "0";
         option.dataset.info = `${model.backbone}, memory bank ${model.memory_bank_size}` +
           (model.threshold == null ? ", no threshold" : `, threshold ${formatScore(model.threshold)}`);
         modelSelect.appendChild(option);
@@ -56,7 +57,8 @@
     const form = new FormData();
     form.append("file", file, file.name);
     try {
-      const url = `/v1/models/${encodeURIComponent(model)}/predict?overlay=true&mask=false`;
+      const withEvidence = modelSelect.selectedOptions[0]?.dataset.evidence || "0";
+      const url = `/v1/models/${encodeURIComponent(model)}/predict?overlay=true&mask=false&evidence=${withEvidence}`;
       const response = await fetch(url, { method: "POST", body: form });
       let body;
       try { body = await response.json(); } catch (e) { body = { error: response.statusText }; }
@@ -96,6 +98,25 @@
     $("overlay-caption").textContent = scale
       ? `Heat map, ${scale.fixed ? "fixed" : "this image's"} scale ${formatScore(scale.low)} (blue) – ${formatScore(scale.high)} (red)`
       : "Heat map";
+    showEvidence(result.evidence || []);
+  }
+
+  function showEvidence(items) {
+    const list = $("evidence");
+    list.replaceChildren();
+    $("evidence-section").hidden = items.length === 0;
+    for (const item of items) {
+      const figure = document.createElement("figure");
+      const img = document.createElement("img");
+      img.src = `data:image/png;base64,${item.picture_png}`;
+      img.alt = "anomalous patch beside its nearest normal patch";
+      const caption = document.createElement("figcaption");
+      const source = item.training_image.split("/").pop();
+      caption.textContent = `distance ${formatScore(item.distance)} – nearest normal: ${source}, ` +
+        `row ${item.training_row}, column ${item.training_column}`;
+      figure.append(img, caption);
+      list.append(figure);
+    }
   }
 
   function addHistory(name, result, error) {
