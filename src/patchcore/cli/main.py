@@ -1,4 +1,4 @@
-"""The ``patchcore`` command: fit, predict, evaluate, experiment, serve, demo, backbones."""
+"""The ``patchcore`` command: fit, predict, add, export, demo, evaluate, experiment, serve, backbones."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 from .. import __version__
 from ..engine.backbone_specs import REGISTRY
 from ..errors import PatchCoreError
-from . import demo, evaluate, experiment, export, fit, predict, serve
+from . import add, demo, evaluate, experiment, export, fit, predict, serve
 
 #: Packages of the ``train`` extra: a command that needs one says how to install it.
 TRAINING_MODULES = {"torch", "torchvision", "timm", "onnx", "sklearn", "matplotlib", "huggingface_hub", "elpv_dataset"}
@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"patchcore {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for command in (fit, predict, export, demo, evaluate, experiment, serve):
+    for command in (fit, predict, add, export, demo, evaluate, experiment, serve):
         command.add_parser(commands)
     backbones = commands.add_parser("backbones", help="list the known backbones", description="List the known backbones.")
     backbones.set_defaults(handler=_backbones)

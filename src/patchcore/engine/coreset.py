@@ -146,13 +146,17 @@ def _bounding_sketch(points: np.ndarray, dims: int) -> np.ndarray:
 
 
 def farthest_point_order(
-    points: np.ndarray, n_select: int, first: int = 0, progress: bool = False, sketch_dims: int = 16
+    points: np.ndarray, n_select: int, first: int = 0, progress: bool = False, sketch_dims: int = 16,
+    initial_nearest: np.ndarray | None = None,
 ) -> np.ndarray:
     """Greedy farthest-point selection of ``n_select`` rows of ``points``, starting at ``first``.
 
     Exactly the plain greedy result, but each step only measures the points a cheap lower bound
     cannot rule out: the distance of ``sketch_dims``-dimensional sketches (see
     :func:`_bounding_sketch`), and the triangle inequality through each point's current centre.
+
+    ``initial_nearest`` continues a selection: each point's squared distance to centres chosen
+    before (not among ``points``); the first pick is then the point farthest from them.
     """
     n_points, dim = points.shape
     sketch = _bounding_sketch(points, min(sketch_dims, dim))
@@ -162,7 +166,13 @@ def farthest_point_order(
     # rearranged as s_p.s_c > limit_p + |s_c|^2 / 2: one matrix-vector product and one comparison
     # per step, and `limit` changes only where `nearest` does.
     limit = np.full(n_points, -np.inf, dtype=np.float32)
-    owner = np.zeros(n_points, dtype=np.int32)  # index (into `chosen`) of that centre
+    # Index (into `chosen`) of each point's centre; -1 for a centre chosen before this call.
+    owner = np.zeros(n_points, dtype=np.int32)
+    if initial_nearest is not None:
+        nearest[:] = initial_nearest
+        limit[:] = 0.5 * (sketch_norms - 1.0001 * nearest)
+        owner[:] = -1
+        first = int(np.argmax(nearest))
     centres = np.empty((n_select, dim), dtype=np.float32)
     centre_norms = np.empty(n_select, dtype=np.float32)
     chosen = np.empty(n_select, dtype=np.int64)
@@ -177,14 +187,16 @@ def farthest_point_order(
         centre = points[candidate]
         centres[step] = centre
         centre_norms[step] = norms[candidate]
-        if step == 0:
+        if step == 0 and initial_nearest is None:
             affected = np.arange(n_points)
         else:
             affected = np.flatnonzero(sketch @ sketch[candidate] > limit + 0.5 * sketch_norms[candidate])
-            if len(affected) > 64:
-                # Triangle inequality: only points whose centre lies within 2 r of the new one.
+            if len(affected) > 64 and step > 0:
+                # Triangle inequality: only points whose centre lies within 2 r of the new one
+                # (points still owned by a centre from before cannot be ruled out this way).
                 gaps = centre_norms[:step] - 2.0 * (centres[:step] @ centre) + centre_norms[step]
-                affected = affected[gaps[owner[affected]] < 4.0001 * nearest[affected]]
+                owners = owner[affected]
+                affected = affected[(owners < 0) | (gaps[np.maximum(owners, 0)] < 4.0001 * nearest[affected])]
         if len(affected) > gather_limit:  # one streaming pass over all points is cheaper
             squared = norms - 2.0 * (points @ centre) + centre_norms[step]
             closer = np.flatnonzero(squared < nearest)
@@ -201,6 +213,28 @@ def farthest_point_order(
         bar.update()
     bar.close()
     return chosen
+
+
+def continue_greedy(bank: np.ndarray, candidates: np.ndarray, n_select: int, projection_dim: int = 128, seed: int = 0) -> np.ndarray:
+    """Indices of ``n_select`` rows of ``candidates`` that greedy k-center would add to ``bank``
+    next, on the same seeded projection as the fit: each step the candidate farthest from the bank
+    and from those already added (fewer when every candidate is already in the bank)."""
+    from .search import MemoryBankIndex
+
+    matrix = projection_matrix(bank.shape[1], projection_dim, seed)
+    project = (lambda rows: rows) if matrix is None else (lambda rows: rows @ matrix)
+    old, new = np.asarray(project(bank), np.float32), np.asarray(project(candidates), np.float32)
+    centre = old.mean(axis=0, dtype=np.float64).astype(np.float32)
+    old, new = old - centre, new - centre
+    distances, _ = MemoryBankIndex(old).search(new, 1)
+    # A candidate within rounding of a bank vector (the search's expanded form leaves ~1e-3 of the
+    # vectors' scale) is already in the bank.
+    scale = float(np.sqrt(np.mean(np.einsum("ij,ij->i", old, old))))
+    nearest = np.where(distances[:, 0] > 1e-3 * scale, distances[:, 0], 0.0).astype(np.float32) ** 2
+    n_select = min(n_select, int(np.count_nonzero(nearest > 0)))
+    if n_select <= 0:
+        return np.empty(0, dtype=np.int64)
+    return farthest_point_order(new, n_select, initial_nearest=nearest)
 
 
 def coverage_radius(features: np.ndarray, kept: np.ndarray, chunk: int = 4096) -> float:

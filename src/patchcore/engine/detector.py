@@ -16,8 +16,10 @@ from tqdm.auto import tqdm
 from ..errors import NotFittedError
 from .approximate_search import KINDS as APPROXIMATE_KINDS
 from .approximate_search import ApproximateIndex
+from .coreset import continue_greedy, coreset_size
 from .geometry import InputTransform
 from .images import ImageSource, LoadedBatch, expand_sources, iterate_batches
+from .patch_store import PatchStore
 from .prediction import ErrorHandler, Evidence, Prediction
 from .scoring import anomaly_map, network_map, reweighted_image_score
 from .search import MemoryBankIndex
@@ -193,6 +195,54 @@ class Detector:
                    f"pixel false-positive rate <= {max_pixel_false_positive_rate}",
         )
 
+    # -- teach-in -----------------------------------------------------------------------------------
+
+    def partial_fit(self, images: ImageSource | Iterable[ImageSource], on_error: ErrorHandler | None = None,
+                    coreset_ratio: float | None = None):
+        """Add good images without refitting: their patches join the bank by continuing the greedy
+        coreset selection from the current bank (the old images are not needed again).
+
+        The farthest new patches are added first, ``coreset_ratio`` (default: the model's) of the new
+        patches; patches the bank already covers exactly add nothing. Thresholds are kept (call
+        :meth:`calibrate_threshold` to set them again). The bank may grow past ``max_bank_size``:
+        fit again to bring it back. What was added is recorded in ``teach_in_`` (and saved).
+        """
+        self._check_fitted()
+        started = time.perf_counter()
+        ratio = coreset_ratio if coreset_ratio is not None else getattr(self, "coreset_ratio", 0.1)
+        sources = expand_sources(images)
+        first_image = len(getattr(self, "training_images_", None) or [])
+        with PatchStore(self.memory_bank_.shape[1]) as store:
+            sizes = []
+            for batch, features in embed_batches(sources, self.transform_, self.embedding_, self.batch_size,
+                                                 description="teach-in", progress=self.progress, on_error=on_error):
+                for name, grid, placement in zip(batch.names, features, batch.placements):
+                    store.append_image(name, grid)
+                    sizes.append(list(placement.image_size))
+            if not len(store):
+                raise ValueError("no usable images to add: every image was skipped")
+            candidates = store.read(0, len(store))
+            picks = continue_greedy(self.memory_bank_, candidates, coreset_size(len(store), ratio),
+                                    getattr(self, "projection_dim", 128), getattr(self, "seed", 0))
+            origins = store.origins(picks)
+            names = store.image_names
+        origins[:, 0] += first_image
+        bank = np.concatenate([self.memory_bank_, candidates[picks]])
+        old_origins = getattr(self, "memory_bank_origin_", None)
+        self._set_memory_bank(bank)  # a new index: requests using the old one are not disturbed
+        if old_origins is not None:
+            self.memory_bank_origin_ = np.concatenate([old_origins, origins]).astype(np.int32)
+            self.training_images_ = list(self.training_images_) + [{"name": n, "size": z} for n, z in zip(names, sizes)]
+        self.n_training_patches_ = int(getattr(self, "n_training_patches_", 0) or 0) + len(candidates)
+        if getattr(self, "n_training_images_", None) is not None:
+            self.n_training_images_ += len(names)
+        self.teach_in_ = list(getattr(self, "teach_in_", [])) + [{
+            "images": len(names), "patches": len(candidates), "added_to_bank": len(picks),
+            "bank_size": int(bank.shape[0]), "seconds": round(time.perf_counter() - started, 3),
+            "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }]
+        return self
+
     def bank_tensors(self) -> dict[str, np.ndarray]:
         """The arrays a saved model keeps of its memory bank: the vectors and where each came from."""
         tensors = {"memory_bank": self.memory_bank_}
@@ -201,12 +251,15 @@ class Detector:
         return tensors
 
     def bank_state(self) -> dict:
-        """The training images the bank's vectors came from (names and sizes), for evidence."""
-        return {"training_images": getattr(self, "training_images_", None)}
+        """The training images the bank's vectors came from (names and sizes), for evidence, and
+        the good images taught in since the fit."""
+        return {"training_images": getattr(self, "training_images_", None), "teach_in": getattr(self, "teach_in_", [])}
 
     def restore_bank(self, tensors: dict[str, np.ndarray], state: dict) -> None:
         """The inverse of :meth:`bank_tensors` and :meth:`bank_state`."""
         self._set_memory_bank(tensors["memory_bank"])
+        if state.get("teach_in"):
+            self.teach_in_ = list(state["teach_in"])
         if "origin" in tensors and state.get("training_images"):
             self.memory_bank_origin_ = np.asarray(tensors["origin"], dtype=np.int32)
             self.training_images_ = state["training_images"]

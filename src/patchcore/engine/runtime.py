@@ -67,9 +67,22 @@ class ExportedModel(Detector):
             model.n_training_patches_ = state["n_training_patches"]
             model.restore_bank(tensors["memory_bank"], state)
             model.restore_decision_state(state)
+            model.export_state_ = {key: state[key] for key in ("runtime", "onnx_opset", "mean", "std", "stride", "cell",
+                                                               "feature_width") if key in state}
+            model.network_files_ = {role: (path.suffix, path) for role, path in paths.items()}
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelFormatError(f"{directory}: export is inconsistent ({type(exc).__name__}: {exc})") from exc
         return model
+
+    def save(self, directory: str | os.PathLike | None = None) -> None:
+        """Write the export again (after :meth:`partial_fit` or new thresholds), atomically, to
+        ``directory`` (default: where it was loaded from); the network files are carried over."""
+        directory = Path(directory) if directory is not None else self.directory
+        blobs = {role: (suffix, path.read_bytes()) for role, (suffix, path) in self.network_files_.items()}
+        state = {**self.export_state_, "n_training_images": self.n_training_images_,
+                 "n_training_patches": self.n_training_patches_, **self.decision_state(), **self.bank_state()}
+        persistence.write_model(directory, self.settings(), state, {"memory_bank": self.bank_tensors()}, blobs=blobs,
+                                format_name=persistence.EXPORT_FORMAT_NAME)
 
     def settings(self) -> dict:
         """The runtime settings recorded in the export (as a saved model's ``settings()``)."""

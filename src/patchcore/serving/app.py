@@ -12,8 +12,10 @@ decoder failures are 422 with a message, never 500; inference slots and a bounde
 
 # No ``from __future__ import annotations``: FastAPI must see the real ``Request`` class of the
 # endpoints defined inside create_app (fastapi is imported there, so the CLI need not import it).
+import copy
 import logging
 import os
+import threading
 import time
 from importlib import resources
 from typing import Mapping
@@ -21,9 +23,11 @@ from typing import Mapping
 from PIL import Image
 
 from .. import __version__
+from ..errors import ImageLoadError
 from .guard import RequestGuard, ServiceError, UploadTooLarge
 from .inference import InferenceRunner, default_slots
 from .metrics import Metrics
+from ..engine.persistence import read_manifest
 from .models import ServedModel, load_models
 
 logger = logging.getLogger("patchcore.service")
@@ -78,12 +82,15 @@ def create_app(
     inference_slots: "int | None" = None,
     max_queue: int = 64,
     threads: "int | None" = None,
+    remote_teaching: bool = False,
 ):
     """The FastAPI app serving ``{name: model directory}``; each model is loaded once, here.
 
     ``inference_slots`` (default: CPU cores / ``threads``, at least 1) bounds how many images are
     decoded and scored at once; a request that finds no free slot waits, unless ``max_queue``
     requests already wait: then it gets 503. ``threads``: CPU threads of each model's network.
+    ``remote_teaching``: accept good images (``POST /v1/models/{name}/good``) from other machines
+    too, not only from this one (put authentication in front of the service first).
     """
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
@@ -222,6 +229,58 @@ def create_app(
             **result["timing_ms"],
         }
         return result
+
+    # -- teach-in --------------------------------------------------------------------------------
+
+    teach_locks = {name: threading.Lock() for name in models}
+
+    async def read_images(request: Request) -> "list[tuple[bytes, str]]":
+        media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if media != "multipart/form-data":
+            return [await read_upload(request)]
+        form = await request.form(max_files=64, max_fields=64)
+        try:
+            uploads = [item for item in form.getlist("file") if not isinstance(item, str)]
+            if not uploads:
+                raise ServiceError(422, "the multipart form needs one or more fields 'file' holding good images")
+            files = []
+            for upload in uploads:
+                data = await upload.read(max_upload_bytes + 1)
+                if len(data) > max_upload_bytes:
+                    raise UploadTooLarge(max_upload_bytes)
+                files.append((data, upload.filename or "<upload>"))
+            return files
+        finally:
+            await form.close()
+
+    def teach(served_model: ServedModel, files: "list[tuple[bytes, str]]", recalibrate: bool) -> dict:
+        with teach_locks[served_model.name]:  # one teach-in per model at a time; scoring goes on
+            current = models[served_model.name]
+            try:
+                photos = [runner.decode(current, data, name) for data, name in files]
+            except ImageLoadError as error:
+                raise runner.refusal(error) from None
+            model = copy.copy(current.model)  # requests in flight keep scoring with the old bank
+            model.partial_fit(photos)
+            model.save(current.directory)
+            models[current.name] = ServedModel(current.name, current.directory, model, read_manifest(current.directory))
+            return {"model": current.name, **model.teach_in_[-1], "threshold": models[current.name].threshold}
+
+    @app.post("/v1/models/{name}/good", tags=["models"], summary="Teach the model good images",
+              openapi_extra=_PREDICT_BODY,
+              responses={403: {"description": "not from this machine (see remote_teaching)"}})
+    async def add_good(name: str, request: Request) -> dict:
+        """Add good images (one raw image, or a multipart form with fields `file`) to the model's
+        memory bank without refitting: the model directory is replaced atomically and the service
+        swaps to the new model; requests in flight finish on the old one. Thresholds are kept.
+        Accepted from this machine only, unless the service was started with remote teaching."""
+        host = request.client.host if request.client else ""
+        if not remote_teaching and host not in ("127.0.0.1", "::1", "localhost"):
+            raise ServiceError(403, "teaching a model is accepted from this machine only (start the service with "
+                                    "remote teaching to allow it from others)")
+        model = served(name)
+        files = await read_images(request)
+        return await run_in_threadpool(teach, model, files, False)
 
     # -- the web page ----------------------------------------------------------------------------
 

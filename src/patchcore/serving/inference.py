@@ -67,6 +67,26 @@ class InferenceRunner:
             with self._lock:
                 self.metrics.waiting -= 1
 
+    def decode(self, served: ServedModel, data: bytes, name: str):
+        """An upload decoded as ``patchcore predict`` decodes files (JPEGs at the scale the network
+        needs), within the size limits; :class:`ImageLoadError` when it cannot be used."""
+        transform = served.model.transform_
+        photo = read_image(data, name=name, max_pixels=self.max_image_pixels, formats=UPLOAD_FORMATS,
+                           needed_size=transform.needed_size)
+        photo_width, photo_height = photo.info.get("original_size", photo.size)
+        height, width = transform.input_size(photo_width, photo_height)
+        if height * width > self.max_input_pixels or transform.resized_pixels(photo_width, photo_height) > self.max_image_pixels:
+            raise ImageLoadError(name, f"image of {photo_width}x{photo_height} pixels would become too large for the "
+                                       f"model after its resize ({width}x{height} network input; limit "
+                                       f"{self.max_input_pixels} pixels): extreme aspect ratio, or a model that keeps "
+                                       "the photo's own size")
+        return photo
+
+    @staticmethod
+    def refusal(error: ImageLoadError) -> ServiceError:
+        """The answer to an image that cannot be used: 413 when too large, else 422."""
+        return ServiceError(413 if isinstance(error, TooManyPixels) else 422, f"cannot use the image: {error.problem}")
+
     def score(self, served: ServedModel, data: bytes, name: str, want_map: bool, want_overlay: bool,
               want_mask: bool, evidence: int = 0) -> dict[str, Any]:
         """Decode ``data`` once, score it with ``served``, render what was asked for; with ``evidence``,
@@ -78,17 +98,8 @@ class InferenceRunner:
                 self.metrics.in_flight += 1
             timings = {"queue": time.perf_counter() - queued}
             t0 = time.perf_counter()
-            transform = served.model.transform_
-            # Decoded as 'patchcore predict' decodes files (JPEGs at the scale the network needs).
-            photo = read_image(data, name=name, max_pixels=self.max_image_pixels, formats=UPLOAD_FORMATS,
-                               needed_size=transform.needed_size)
+            photo = self.decode(served, data, name)
             photo_width, photo_height = photo.info.get("original_size", photo.size)
-            height, width = transform.input_size(photo_width, photo_height)
-            if height * width > self.max_input_pixels or transform.resized_pixels(photo_width, photo_height) > self.max_image_pixels:
-                raise ImageLoadError(name, f"image of {photo_width}x{photo_height} pixels would become too large for the "
-                                           f"model after its resize ({width}x{height} network input; limit "
-                                           f"{self.max_input_pixels} pixels): extreme aspect ratio, or a model that keeps "
-                                           "the photo's own size")
             timings["decode"] = time.perf_counter() - t0
             need_map = want_map or want_overlay or (want_mask and served.pixel_threshold is not None)
             if evidence and getattr(served.model, "memory_bank_origin_", None) is None:
@@ -120,8 +131,7 @@ class InferenceRunner:
             return result
         except ImageLoadError as exc:
             self.metrics.count_inference(served.name, "bad_image")
-            status = 413 if isinstance(exc, TooManyPixels) else 422
-            raise ServiceError(status, f"cannot use the image: {exc.problem}") from None
+            raise self.refusal(exc) from None
         finally:
             with self._lock:
                 self.metrics.in_flight -= 1

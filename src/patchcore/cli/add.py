@@ -1,0 +1,43 @@
+"""``patchcore add``: teach a model new good images without refitting (saved or exported models)."""
+
+from __future__ import annotations
+
+import argparse
+
+from .options import SkippedImages, ratio
+
+
+def add_parser(commands) -> None:
+    parser = commands.add_parser(
+        "add", help="teach a model new good images (false alarms, new variation) without refitting",
+        description="Add good images to a model's memory bank by continuing its greedy coreset selection from the "
+                    "current bank; the old training images are not needed. The model directory is replaced "
+                    "atomically; thresholds are kept unless --recalibrate gives held-out good images.")
+    parser.add_argument("model", metavar="MODEL_DIR", help="folder written by 'patchcore fit' or 'patchcore export'")
+    parser.add_argument("good", nargs="+", metavar="GOOD", help="good images or folders to add")
+    parser.add_argument("--coreset-ratio", type=ratio, default=None,
+                        help="share of the new images' patches that may join the bank (default: the model's)")
+    parser.add_argument("--recalibrate", nargs="+", metavar="GOOD", default=None,
+                        help="held-out good images: set the image and pixel thresholds again from them")
+    parser.add_argument("--max-fpr", type=float, default=0.01, help="with --recalibrate: as for fit (default: 0.01)")
+    parser.add_argument("--max-pixel-fpr", type=float, default=0.001, help="with --recalibrate: as for fit (default: 0.001)")
+    parser.add_argument("--skip-bad-images", action="store_true", help="warn about and skip unreadable images instead of stopping")
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..engine.loading import load_model
+
+    model = load_model(args.model)
+    before = model.memory_bank_.shape[0]
+    model.partial_fit(args.good, on_error=SkippedImages() if args.skip_bad_images else None,
+                      coreset_ratio=args.coreset_ratio)
+    if args.recalibrate:
+        model.calibrate_threshold(args.recalibrate, args.max_fpr, args.max_pixel_fpr)
+    model.save(args.model)
+    added = model.teach_in_[-1]
+    print(f"added {added['images']} good images ({added['patches']} patches): memory bank {before} -> "
+          f"{model.memory_bank_.shape[0]} vectors in {added['seconds']:.1f} s; saved to {args.model}"
+          + (f"; thresholds set again: {model.threshold_:.4f} / {model.pixel_threshold_:.4f}" if args.recalibrate else
+             "; thresholds kept"))
+    return 0
