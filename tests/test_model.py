@@ -213,3 +213,16 @@ def test_approximate_search_backends_stay_close_to_exact(product_images, backend
     assert min(approximate_scores[4:]) > max(approximate_scores[:4])
     approximate.save(tmp_path / "m")
     assert PatchCore.load(tmp_path / "m").search_backend == backend
+
+
+def test_auto_search_is_exact_for_small_banks_and_hnsw_with_measured_recall_above(product_images, monkeypatch):
+    from patchcore.engine import detector
+    from patchcore.engine.approximate_search import ApproximateIndex
+    from patchcore.engine.search import MemoryBankIndex
+
+    small = PatchCore(**small_model_settings(search_backend="auto")).fit(product_images["train"])
+    assert isinstance(small.index_, MemoryBankIndex) and small.search_recall_ == 1.0
+    monkeypatch.setattr(detector, "AUTO_EXACT_LIMIT", 10)
+    large = PatchCore(**small_model_settings(search_backend="auto")).fit(product_images["train"])
+    assert isinstance(large.index_, ApproximateIndex) and large.index_.kind == "hnsw"
+    assert 0.9 <= large.search_recall_ <= 1.0

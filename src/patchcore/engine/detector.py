@@ -23,6 +23,9 @@ from .patch_store import PatchStore
 from .prediction import ErrorHandler, Evidence, Prediction
 from .scoring import anomaly_map, network_map, reweighted_image_score
 from .search import MemoryBankIndex
+
+#: With ``search_backend="auto"``: exact search up to this many bank vectors, HNSW above.
+AUTO_EXACT_LIMIT = 4096
 from .thresholds import flagging_threshold
 
 
@@ -55,10 +58,23 @@ class Detector:
 
     def _set_memory_bank(self, memory_bank: np.ndarray) -> None:
         self.memory_bank_ = np.ascontiguousarray(memory_bank, dtype=np.float32)
-        if self.search_backend in APPROXIMATE_KINDS:
-            self.index_ = ApproximateIndex(self.memory_bank_, self.search_backend, seed=self.seed)
+        backend = self.search_backend
+        if backend == "auto":  # exact where it is cheap, a graph index above that
+            backend = "numpy" if len(self.memory_bank_) <= AUTO_EXACT_LIMIT else "hnsw"
+        if backend in APPROXIMATE_KINDS:
+            self.index_ = ApproximateIndex(self.memory_bank_, backend, seed=self.seed)
         else:
-            self.index_ = MemoryBankIndex(self.memory_bank_, self.search_backend)
+            self.index_ = MemoryBankIndex(self.memory_bank_, backend)
+
+    def search_recall(self, queries: np.ndarray, sample: int = 1000) -> float:
+        """The share of ``queries`` (up to ``sample`` of them) whose nearest bank vector the index
+        finds exactly: 1.0 for exact search, measured for an approximate index."""
+        if isinstance(self.index_, MemoryBankIndex):
+            return 1.0
+        queries = queries[:: max(1, len(queries) // sample)][:sample]
+        _, exact = MemoryBankIndex(self.memory_bank_).search(queries, 1)
+        _, found = self.index_.search(queries, 1)
+        return float(np.mean(exact[:, 0] == found[:, 0]))
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "memory_bank_"):

@@ -59,8 +59,10 @@ class PatchCore(BaseEstimator, Detector):
     smoothing_sigma: Gaussian smoothing of the anomaly map, in network-input pixels (paper: 4).
     weights: ``"imagenet"`` (packaged or downloaded), a local state-dict file, or ``"random"``.
     feature_location: timm feature location, e.g. ``"expansion"`` for EfficientNets (default per backbone).
-    search_backend: exact nearest-neighbour search with ``"numpy"`` (blocked BLAS products, faster here) or ``"faiss"`` (IndexFlatL2),
-        or approximate search with faiss ``"hnsw"`` or ``"ivfpq"`` (faster for large banks, scores may rise slightly).
+    search_backend: ``"auto"``: exact up to 4,096 bank vectors, HNSW above; exact nearest-neighbour search
+        with ``"numpy"`` (blocked BLAS products, faster here) or ``"faiss"`` (IndexFlatL2), or approximate
+        search with faiss ``"hnsw"`` or ``"ivfpq"`` (faster for large banks, scores may rise slightly; the
+        share of exact nearest neighbours found is measured at fit: ``search_recall_``).
     device: where the network runs: ``"auto"`` (a GPU when torch sees one, else the CPU), ``"cpu"``
         or ``"cuda"``.
     runtime: what runs the network on the CPU: ``"auto"`` (ONNX Runtime when installed: 3-4x faster
@@ -142,8 +144,9 @@ class PatchCore(BaseEstimator, Detector):
             raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
         if self.projection_dim < 1:
             raise ValueError(f"projection_dim must be at least 1, got {self.projection_dim}")
-        if self.search_backend not in BACKENDS + APPROXIMATE_KINDS:
-            raise ValueError(f"search_backend must be one of {', '.join(BACKENDS + APPROXIMATE_KINDS)}, got {self.search_backend!r}")
+        if self.search_backend not in ("auto",) + BACKENDS + APPROXIMATE_KINDS:
+            choices = ", ".join(("auto",) + BACKENDS + APPROXIMATE_KINDS)
+            raise ValueError(f"search_backend must be one of {choices}, got {self.search_backend!r}")
         if self.smoothing_sigma < 0:
             raise ValueError(f"smoothing_sigma must not be negative, got {self.smoothing_sigma}")
         if self.device not in DEVICES:
@@ -265,6 +268,7 @@ class PatchCore(BaseEstimator, Detector):
         rng = np.random.default_rng(self.seed)
         reference = source.take(np.sort(rng.choice(len(source), min(len(source), REFERENCE_PATCHES), replace=False)))
         reference_scores = self.score_patches(reference)[0]
+        self.search_recall_ = self.search_recall(reference)
         self.normal_patch_score_mean_ = float(reference_scores.mean())
         self.normal_patch_score_std_ = float(max(reference_scores.std(), 1e-12))
         self.fit_timings_ = timings
