@@ -11,7 +11,8 @@ ALLOWED = {
     "engine": set(),
     "evaluation": {"engine"},
     "serving": {"engine"},
-    "cli": {"engine", "evaluation", "serving"},
+    "fleet": {"engine"},
+    "cli": {"engine", "evaluation", "serving", "fleet"},
 }
 
 
@@ -101,3 +102,14 @@ def test_the_engine_imports_nothing_of_the_web_stack_or_the_command_line():
         modules |= {node.module.split(".")[0] for node in ast.walk(ast.parse(path.read_text()))
                     if isinstance(node, ast.ImportFrom) and node.module and not node.level}
         assert not modules & heavy, f"{path.name} imports {modules & heavy}"
+
+
+def test_only_the_fleet_imports_ray():
+    for path in PACKAGE.rglob("*.py"):
+        if "fleet" in path.parts:
+            continue
+        modules = {alias.name.split(".")[0] for node in ast.walk(ast.parse(path.read_text()))
+                   if isinstance(node, ast.Import) for alias in node.names}
+        modules |= {node.module.split(".")[0] for node in ast.walk(ast.parse(path.read_text()))
+                    if isinstance(node, ast.ImportFrom) and node.module and not node.level}
+        assert "ray" not in modules, f"{path} imports ray"

@@ -103,3 +103,14 @@ def test_the_package_sets_a_passive_openmp_wait_policy_unless_the_user_chose_one
     env["OMP_WAIT_POLICY"] = "ACTIVE"
     assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                           check=True).stdout.strip() == "ACTIVE"
+
+
+def test_ray_options_without_ray_say_how_to_install_it(tmp_path, product_images):
+    code = (
+        "import sys; sys.modules['ray'] = None\n"
+        "from patchcore.cli.main import main\n"
+        f"print('exit', main(['fit-many', {str(product_images['root'][0])!r}, '-o', {str(tmp_path / 'm')!r}, '--ray']))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.stdout.strip().endswith("exit 2"), result.stderr
+    assert "pip install 'patchcore[ray]'" in result.stderr

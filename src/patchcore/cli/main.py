@@ -8,7 +8,7 @@ import sys
 from .. import __version__
 from ..engine.backbone_specs import REGISTRY
 from ..errors import PatchCoreError
-from . import add, demo, evaluate, experiment, export, fit, predict, serve
+from . import add, demo, evaluate, experiment, export, fit, fit_many, predict, serve
 
 #: Packages of the ``train`` extra: a command that needs one says how to install it.
 TRAINING_MODULES = {"torch", "torchvision", "timm", "onnx", "sklearn", "matplotlib", "huggingface_hub", "elpv_dataset"}
@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"patchcore {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for command in (fit, predict, add, export, demo, evaluate, experiment, serve):
+    for command in (fit, predict, add, export, fit_many, demo, evaluate, experiment, serve):
         command.add_parser(commands)
     backbones = commands.add_parser("backbones", help="list the known backbones", description="List the known backbones.")
     backbones.set_defaults(handler=_backbones)
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
-    except (PatchCoreError, ValueError, OSError) as error:
+    except (PatchCoreError, ValueError, OSError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -33,6 +33,12 @@ def add_parser(commands) -> None:
                         help="for the N most anomalous patches of each image, the nearest normal patch of the training "
                              "images: evidence.json and evidence/ crops (default: 0, none)")
     add_runtime_options(parser)
+    fleet = parser.add_argument_group("Ray (many images on many workers)")
+    fleet.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                       help="score on Ray: a local Ray, or the cluster at ADDRESS ('auto': the one this machine is in); "
+                            "results are appended to OUT/scores.csv as they finish and a rerun skips what is there")
+    fleet.add_argument("--workers", type=positive_int, default=2, help="with --ray: actors, each loading the model once (default: 2)")
+    fleet.add_argument("--cpus-per-worker", type=positive_int, default=1, help="with --ray: cores per actor (default: 1)")
     parser.set_defaults(handler=run)
 
 
@@ -112,6 +118,8 @@ def _write_rows(model, predictions, output, overlays, evidence, decided, low, hi
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.ray is not None:
+        return _run_on_ray(args)
     model = load_model(args.model, threads=args.threads)
     use_device(model, args.device)
     model.progress = True
@@ -134,3 +142,17 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {len(skipped.errors)} of {len(skipped.errors) + len(predictions)} images could not be read", file=sys.stderr)
         return 1
     return 0
+
+
+def _run_on_ray(args: argparse.Namespace) -> int:
+    from ..fleet.scoring import predict_on_ray
+
+    if args.evidence:
+        raise ValueError("--evidence is not available with --ray; run 'patchcore predict' without --ray for evidence")
+    summary = predict_on_ray(args.model, args.inputs, args.output, address=args.ray or None, workers=args.workers,
+                             cpus_per_worker=args.cpus_per_worker, batch_size=args.batch_size or 16,
+                             overlays=not args.no_overlays)
+    rate = summary["scored"] / summary["seconds"] if summary["seconds"] else 0.0
+    print(f"{summary['images']} images: {summary['already_scored']} scored before, {summary['scored']} scored now "
+          f"({rate:.1f} images/s), {summary['failed']} could not be read; results in {Path(args.output) / 'scores.csv'}")
+    return 1 if summary["failed"] else 0
