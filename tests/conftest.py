@@ -84,9 +84,13 @@ def product_images(tmp_path_factory) -> dict[str, list[Path]]:
     return paths
 
 
+#: The engine's tests run on the smallest offline backbone; the real-data tests use the defaults.
+FAST = dict(backbone="efficientnet_lite0", search_backend="numpy", max_bank_size=None)
+
+
 def small_model_settings(**overrides):
     """Settings for a fast model on 64x64 images (efficientnet_lite0, offline weights)."""
-    settings = dict(resize=64, crop=64, coreset_ratio=0.25, batch_size=4)
+    settings = dict(FAST, resize=64, crop=64, coreset_ratio=0.25, batch_size=4)
     settings.update(overrides)
     return settings
 

@@ -21,6 +21,7 @@ from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
+from conftest import FAST
 from patchcore import PatchCore  # noqa: E402
 from patchcore.serving.app import create_app  # noqa: E402
 
@@ -60,7 +61,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def server_url(tmp_path_factory):
     directory = tmp_path_factory.mktemp("browser") / "tiny"
-    PatchCore(coreset_ratio=0.1, resize=64, crop=64).fit(_images(8)).save(directory)
+    PatchCore(**FAST, coreset_ratio=0.1, resize=64, crop=64).fit(_images(8)).save(directory)
     port = _free_port()
     config = uvicorn.Config(create_app({"tiny": directory}), host="127.0.0.1", port=port, log_level="warning")
     server = uvicorn.Server(config)

@@ -22,7 +22,7 @@ def test_help_is_complete(capsys):
 
 def test_fit_then_predict_writes_scores_and_overlays(tmp_path, product_images, capsys):
     train = str(product_images["train"][0].parent)
-    assert main(["fit", train, "-o", str(tmp_path / "model"), "--coreset-ratio", "0.25", "--resize", "64", "--crop", "64"]) == 0
+    assert main(["fit", train, "-o", str(tmp_path / "model"), "--coreset-ratio", "0.25", "--resize", "64", "--crop", "64", "--backbone", "efficientnet_lite0"]) == 0
     inputs = [str(p) for p in product_images["good"] + product_images["defective"]]
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"\xff\xd8\xff not really a jpeg")
@@ -46,10 +46,10 @@ def test_errors_are_one_line_messages(tmp_path, capsys):
     assert "model directory not found" in capsys.readouterr().err
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert main(["fit", str(empty), "-o", str(tmp_path / "m")]) == 2
+    assert main(["fit", str(empty), "-o", str(tmp_path / "m"), "--backbone", "efficientnet_lite0"]) == 2
     assert "holds no images" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        main(["fit", str(empty), "-o", str(tmp_path / "m"), "--coreset-ratio", "2"])
+        main(["fit", str(empty), "-o", str(tmp_path / "m"), "--coreset-ratio", "2", "--backbone", "efficientnet_lite0"])
 
 
 def test_console_script_runs():
@@ -61,7 +61,7 @@ def test_fit_with_calibration_flags_defects_in_predict(tmp_path, product_images,
     train = str(product_images["train"][0].parent)
     good = [str(p) for p in product_images["good"]]
     assert main(["fit", train, "-o", str(tmp_path / "model"), "--resize", "64", "--crop", "64",
-                 "--calibrate", *good, "--max-fpr", "0"]) == 0
+                 "--calibrate", *good, "--max-fpr", "0", "--backbone", "efficientnet_lite0"]) == 0
     assert "threshold" in capsys.readouterr().out
     inputs = [str(p) for p in product_images["defective"]]
     assert main(["predict", str(tmp_path / "model"), *inputs, "-o", str(tmp_path / "out")]) == 0
@@ -77,7 +77,7 @@ def test_predict_decodes_each_photo_once_and_keeps_extensions_in_output_names(tm
 
     train = str(product_images["train"][0].parent)
     assert main(["fit", train, "-o", str(tmp_path / "model"), "--coreset-ratio", "0.25", "--resize", "64",
-                 "--calibrate", *map(str, product_images["good"])]) == 0
+                 "--backbone", "efficientnet_lite0", "--calibrate", *map(str, product_images["good"])]) == 0
     source = Image.open(product_images["defective"][0])
     inputs = []
     for extension in ("tif", "webp", "bmp"):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from sklearn.base import clone
 
-from conftest import product_image, small_model_settings, subtle_defect
+from conftest import FAST, product_image, small_model_settings, subtle_defect
 from patchcore import PatchCore
 
 
@@ -73,12 +73,12 @@ def test_subtle_defects_are_ranked_and_located_by_imagenet_features_only(subtle)
 
     train, good, defective, masks = subtle
     labels = [0] * len(good) + [1] * len(defective)
-    model = PatchCore(resize=128, coreset_ratio=0.25).fit(train)
+    model = PatchCore(**FAST, resize=128, coreset_ratio=0.25).fit(train)
     predictions = model.predict(good + defective)
     assert roc_auc_score(labels, [p.score for p in predictions]) == 1.0
     for prediction, mask in zip(predictions[len(good):], masks):
         row, col = np.unravel_index(np.argmax(prediction.anomaly_map), mask.shape)
         assert mask[max(0, row - 4) : row + 5, max(0, col - 4) : col + 5].any()  # the peak is on the defect
     # The same pipeline with meaningless features cannot tell them apart: the test can fail.
-    broken = PatchCore(resize=128, coreset_ratio=0.25, weights="random").fit(train)
+    broken = PatchCore(**FAST, resize=128, coreset_ratio=0.25, weights="random").fit(train)
     assert roc_auc_score(labels, [p.score for p in broken.predict(good + defective, maps=False)]) < 0.75

@@ -54,7 +54,7 @@ def _parse(argv):
 def _fast_options():
     s = small_model_settings()
     return ["--resize", str(s["resize"]), "--crop", str(s["crop"]), "--coreset-ratio", str(s["coreset_ratio"]),
-            "--batch-size", str(s["batch_size"])]
+            "--batch-size", str(s["batch_size"]), "--backbone", s["backbone"], "--search-backend", s["search_backend"]]
 
 
 def test_evaluate_command_end_to_end(mvtec_root, tmp_path, capsys):
@@ -171,7 +171,8 @@ def test_evaluate_reads_a_plain_folder_layout_with_per_defect_aurocs(tmp_path, c
             mask[row : row + 12, col : col + 12] = 255
             Image.fromarray(mask).save(root / "masks" / defect / f"{defect}{i}.png")
     out = tmp_path / "out"
-    assert main(["evaluate", str(root), "-o", str(out), "--resize", "48", "--coreset-ratio", "0.25"]) == 0
+    assert main(["evaluate", str(root), "-o", str(out), "--resize", "48", "--coreset-ratio", "0.25",
+                 "--backbone", "efficientnet_lite0"]) == 0
     table = capsys.readouterr().out
     row = json.loads((out / "parts" / "metrics.json").read_text())
     assert row["n_train"] == 10 and row["n_test_good"] == 3 and row["n_test_defective"] == 6

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import FAST
 from patchcore import PatchCore
 
 
@@ -28,7 +29,7 @@ def aligned(tmp_path_factory):
     defect = np.clip(layout + rng.normal(0, 4, layout.shape), 0, 255)
     defect[40:52, 80:92] *= 0.6  # rows 40-52, columns 80-92
     Image.fromarray(defect.astype(np.uint8)).save(folder / "spot.png")
-    model = PatchCore(resize=96, coreset_ratio=0.5).fit(train)
+    model = PatchCore(**FAST, resize=96, coreset_ratio=0.5).fit(train)
     return model, train, folder / "spot.png"
 
 

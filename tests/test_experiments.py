@@ -22,7 +22,8 @@ from patchcore.evaluation.evaluate import evaluate_dataset
 from patchcore.evaluation.experiments import runner, specs, store, tables
 from patchcore.engine.search import MemoryBankIndex
 
-FAST = ["--resize", "64", "--crop", "64", "--batch-size", "4", "--eval-size", "32"]
+FAST = ["--resize", "64", "--crop", "64", "--batch-size", "4", "--eval-size", "32", "--backbone", "efficientnet_lite0",
+        "--search-backend", "numpy"]
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +165,8 @@ def test_missing_weights_are_skipped(tiny_root, tmp_path, capsys, monkeypatch):
 @pytest.mark.parametrize("cls", [Spade, Padim])
 def test_baselines_beat_chance(tiny_root, cls):
     dataset = load_mvtec_category(tiny_root, "widget")
-    model = cls(**{k: v for k, v in small_model_settings().items() if k != "coreset_ratio"})
+    model = cls(**{k: v for k, v in small_model_settings().items()
+                   if k not in ("coreset_ratio", "search_backend", "max_bank_size")})
     result = evaluate_dataset(model, dataset, None, eval_size=32)
     assert result["image_auroc"] >= 0.85 and result["pixel_auroc"] >= 0.85
     prediction = model.predict([dataset.test[0].path])[0]
@@ -184,7 +186,7 @@ def test_evaluate_method_option_and_fit_refuses_baselines(tiny_root, tmp_path, c
 def test_random_sampler_and_approximate_search_round_trip(tiny_root, tmp_path):
     """The paper's random-subsampling baseline and an approximate index are plain PatchCore settings."""
     train = load_mvtec_category(tiny_root, "widget").train
-    model = PatchCore(**small_model_settings(), sampler="random", search_backend="hnsw").fit(train)
+    model = PatchCore(**small_model_settings(sampler="random", search_backend="hnsw")).fit(train)
     assert model.memory_bank_.shape[0] == int(np.ceil(0.25 * model.n_training_patches_))
     greedy = PatchCore(**small_model_settings()).fit(train)
     assert not np.array_equal(model.coreset_indices_, greedy.coreset_indices_)

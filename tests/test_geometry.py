@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from conftest import product_image
+from conftest import FAST, product_image
 from patchcore import PatchCore
 from patchcore.engine.backbones import Backbone
 from patchcore.engine.embedding import PatchNetwork
@@ -68,7 +68,7 @@ def wide_textures(tmp_path_factory):
 
 def test_a_defect_in_the_corner_of_a_wide_photo_is_found_whole_image_but_missed_by_the_crop(wide_textures):
     good, defective = wide_textures
-    whole = PatchCore(coreset_ratio=0.25).fit(good[:3])
+    whole = PatchCore(**FAST, resize=256, coreset_ratio=0.25).fit(good[:3])
     prediction = whole.predict(defective)[0]
     assert prediction.anomaly_map.shape == (400, 1200)
     assert prediction.patch_scores.shape == (32, 96)  # 768x256 input, stride 8
@@ -76,7 +76,7 @@ def test_a_defect_in_the_corner_of_a_wide_photo_is_found_whole_image_but_missed_
     assert 330 <= row < 380 and 15 <= col < 65
     assert prediction.score > 1.5 * whole.predict(good[3])[0].score
 
-    paper = PatchCore(coreset_ratio=0.25, resize=256, crop=224).fit(good[:3])
+    paper = PatchCore(**FAST, coreset_ratio=0.25, resize=256, crop=224).fit(good[:3])
     cropped = paper.predict(defective)[0]
     row, col = np.unravel_index(np.argmax(cropped.anomaly_map), cropped.anomaly_map.shape)
     assert not (330 <= row < 380 and 15 <= col < 65)  # the crop never saw it
@@ -86,7 +86,7 @@ def test_a_defect_in_the_corner_of_a_wide_photo_is_found_whole_image_but_missed_
 def test_training_images_of_different_sizes_and_shapes_fit_together(product_images, wide_textures):
     good, defective = wide_textures
     square = [np.asarray(Image.open(p)) for p in product_images["train"][:4]]  # 64x64 -> 256x256
-    model = PatchCore(coreset_ratio=0.5, resize=128).fit(good[:2] + square)
+    model = PatchCore(**FAST, coreset_ratio=0.5, resize=128).fit(good[:2] + square)
     # 1200x400 -> 384x128 (48x16 patches); 64x64 -> 128x128 (16x16 patches).
     assert model.n_training_images_ == 6
     assert model.n_training_patches_ == 2 * 48 * 16 + 4 * 16 * 16
@@ -97,8 +97,8 @@ def test_training_images_of_different_sizes_and_shapes_fit_together(product_imag
 
 def test_tiled_anomaly_map_matches_the_untiled_one_away_from_tile_borders(wide_textures):
     good, defective = wide_textures
-    untiled = PatchCore(coreset_ratio=0.25, resize=256).fit(good[:3])
-    tiled = PatchCore(coreset_ratio=0.25, resize=256, tile_size=256, tile_overlap=0.5)
+    untiled = PatchCore(**FAST, coreset_ratio=0.25, resize=256).fit(good[:3])
+    tiled = PatchCore(**FAST, coreset_ratio=0.25, resize=256, tile_size=256, tile_overlap=0.5)
     tiled.fit(good[:3])
     expected = untiled.predict(defective)[0]
     stitched = tiled.predict(defective)[0]

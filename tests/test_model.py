@@ -226,3 +226,28 @@ def test_auto_search_is_exact_for_small_banks_and_hnsw_with_measured_recall_abov
     large = PatchCore(**small_model_settings(search_backend="auto")).fit(product_images["train"])
     assert isinstance(large.index_, ApproximateIndex) and large.index_.kind == "hnsw"
     assert 0.9 <= large.search_recall_ <= 1.0
+
+
+def test_the_largest_patch_score_is_exact_even_with_a_poor_approximate_index(product_images, fitted_model):
+    import copy
+
+    from patchcore.engine.approximate_search import ApproximateIndex
+    from patchcore.engine.images import read_image
+    from patchcore.engine.search import MemoryBankIndex
+
+    model = copy.copy(fitted_model)
+    model.index_ = ApproximateIndex(model.memory_bank_, "hnsw", hnsw_neighbours=2, ef_search=1)  # misses often
+    model.exact_index_ = None
+    exact = MemoryBankIndex(model.memory_bank_)
+    missed = 0
+    for path in product_images["defective"] + product_images["good"]:
+        pixels, _ = model.transform_(read_image(path))
+        patches = model.embed(pixels[None])[0].reshape(-1, model.memory_bank_.shape[1])
+        approximate, _ = model.index_.search(patches, 1)
+        scores, nearest = model.score_patches(patches)
+        true_scores, true_nearest = exact.search(patches, 1)
+        missed += int(np.sum(approximate[:, 0] > true_scores[:, 0] + 1e-3))
+        top = int(np.argmax(true_scores[:, 0]))
+        assert scores.max() == pytest.approx(true_scores.max(), rel=1e-5) and nearest[top] == true_nearest[top, 0]
+        assert np.all(scores >= true_scores[:, 0] - 1e-3)  # the rest may stay a little high, never low
+    assert missed > 0  # the index really was approximate: the re-checks did the work

@@ -20,6 +20,7 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 
+from conftest import FAST
 from patchcore import PatchCore  # noqa: E402
 from patchcore.engine import persistence  # noqa: E402
 from patchcore.errors import ModelFormatError  # noqa: E402
@@ -58,7 +59,7 @@ def _test_images() -> list[bytes]:
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory) -> Path:
     directory = tmp_path_factory.mktemp("models") / "tiny"
-    PatchCore(coreset_ratio=0.1, resize=64, crop=64).fit(_training_images()).save(directory)
+    PatchCore(**FAST, coreset_ratio=0.1, resize=64, crop=64).fit(_training_images()).save(directory)
     return directory
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import product_image
+from conftest import FAST, product_image
 from patchcore import PatchCore, load_model
 from patchcore.engine.coreset import continue_greedy
 
@@ -34,7 +34,7 @@ def line(tmp_path_factory):
     calibration = [product_image(rng, (64, 96)) for _ in range(8)]
     variation = _tinted(rng, 5)
     defect = product_image(rng, (64, 96), defect=(20, 40, 12))
-    model = PatchCore(resize=64, coreset_ratio=0.25).fit(train)
+    model = PatchCore(**FAST, resize=64, coreset_ratio=0.25).fit(train)
     # A threshold with room above the good images (as a line would set it after a week of runs).
     model.set_threshold(1.15 * max(p.score for p in model.predict(calibration, maps=False)), source="test")
     return model, variation, defect

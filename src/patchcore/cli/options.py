@@ -87,6 +87,8 @@ def add_model_options(parser: argparse.ArgumentParser, methods: bool = False) ->
                             "(.safetensors/.pth, torchvision or timm key names), or 'random' (benchmarks only)")
     group.add_argument("--coreset-ratio", type=ratio, default=None,
                        help=f"share of training patches kept in the memory bank, 0.001 to 1 (default: {_default('coreset_ratio')})")
+    group.add_argument("--max-bank-size", type=positive_int, default=None,
+                       help=f"the most vectors the memory bank keeps, whatever the ratio (default: {_default('max_bank_size')})")
     group.add_argument("--feature-width", type=int, default=None,
                        help="width of the patch features (default: 1024 for wide_resnet50_2, every channel for narrow backbones)")
     group.add_argument("--neighbourhood", type=int, default=None, help=f"local neighbourhood size p (default: {_default('neighbourhood')})")
@@ -118,7 +120,7 @@ def add_model_options(parser: argparse.ArgumentParser, methods: bool = False) ->
 
 
 #: Command-line option (argparse destination) -> PatchCore setting.
-_OPTION_SETTINGS = ("backbone", "layers", "weights", "coreset_ratio", "feature_width", "neighbourhood", "resize", "crop",
+_OPTION_SETTINGS = ("backbone", "layers", "weights", "coreset_ratio", "max_bank_size", "feature_width", "neighbourhood", "resize", "crop",
                     "tile_size", "tile_overlap", "search_backend", "seed", "batch_size", "device", "threads")
 
 

@@ -77,7 +77,7 @@ REGISTRY: dict[str, BackboneSpec] = {
     )
 }
 
-DEFAULT_BACKBONE = "efficientnet_lite0"
+DEFAULT_BACKBONE = "efficientnet_lite2"
 
 
 def resolve_spec(name: str, layers: tuple[str, ...] | list[str] | None = None,

@@ -26,6 +26,8 @@ from .search import MemoryBankIndex
 
 #: With ``search_backend="auto"``: exact search up to this many bank vectors, HNSW above.
 AUTO_EXACT_LIMIT = 4096
+#: Patches re-measured exactly at a time when an approximate index found the highest scores.
+EXACT_RECHECK = 16
 from .thresholds import flagging_threshold
 
 
@@ -58,6 +60,7 @@ class Detector:
 
     def _set_memory_bank(self, memory_bank: np.ndarray) -> None:
         self.memory_bank_ = np.ascontiguousarray(memory_bank, dtype=np.float32)
+        self.exact_index_ = None  # made when an approximate index first needs exact re-checks
         backend = self.search_backend
         if backend == "auto":  # exact where it is cheap, a graph index above that
             backend = "numpy" if len(self.memory_bank_) <= AUTO_EXACT_LIMIT else "hnsw"
@@ -85,10 +88,31 @@ class Detector:
     # -- scores -----------------------------------------------------------------------------------
 
     def score_patches(self, patch_features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Distance of each patch ``(P, D)`` to its nearest memory-bank vector, and that vector's index."""
+        """Distance of each patch ``(P, D)`` to its nearest memory-bank vector, and that vector's index.
+
+        With an approximate index the highest scores are then made exact: an approximate neighbour
+        is never nearer than the true one, so a patch's approximate score bounds its exact score
+        from above; patches are re-measured exactly, highest first, until the best exact score
+        reaches the next approximate one. The largest patch score (the image score's basis) is
+        then the exact one, at the cost of a few exact searches; other patches keep their
+        approximate scores, which can only be a little high.
+        """
         self._check_fitted()
         distances, indices = self.index_.search(patch_features, 1)
-        return distances[:, 0], indices[:, 0]
+        distances, indices = distances[:, 0].copy(), indices[:, 0].copy()
+        if isinstance(self.index_, MemoryBankIndex):
+            return distances, indices
+        if getattr(self, "exact_index_", None) is None:
+            self.exact_index_ = MemoryBankIndex(self.memory_bank_)
+        order = np.argsort(-distances, kind="stable")
+        best, start = -np.inf, 0
+        while start < len(order) and distances[order[start]] > best:
+            chunk = order[start : start + EXACT_RECHECK]
+            exact, nearest = self.exact_index_.search(patch_features[chunk], 1)
+            distances[chunk], indices[chunk] = exact[:, 0], nearest[:, 0]
+            best = max(best, float(exact.max()))
+            start += EXACT_RECHECK
+        return distances, indices
 
     def image_score(self, patch_scores: np.ndarray, nearest: np.ndarray, patch_features: np.ndarray) -> float:
         """Image score from one image's patch scores (eq. 7, or the maximum when ``reweight`` is off)."""
