@@ -14,7 +14,7 @@ def test_mvtec_bottle_image_auroc_with_the_offline_default():
     train = sorted((MVTEC_BOTTLE / "train" / "good").glob("*.png"))
     test = sorted((MVTEC_BOTTLE / "test").glob("*/*.png"))
     labels = [0 if p.parent.name == "good" else 1 for p in test]
-    model = PatchCore(coreset_ratio=0.1).fit(train)
+    model = PatchCore().fit(train)  # what a user deploys
     scores = [p.score for p in model.predict(test, maps=False)]
     assert roc_auc_score(labels, scores) >= 0.99
 
@@ -26,7 +26,7 @@ def test_elpv_demo_pipeline_separates_solar_cells_well_above_chance(tmp_path):
 
     # The demo's pipeline on a small fixed subset: 60 good cells to fit, 30 + 30 to test.
     dataset, _ = elpv_dataset(60, 30, 30, seed=0)
-    result = evaluate_dataset(PatchCore(coreset_ratio=0.1), dataset, tmp_path)
+    result = evaluate_dataset(PatchCore(), dataset, tmp_path)
     print(f"ELPV subset image AUROC {result['image_auroc']:.3f}")
     assert result["image_auroc"] >= 0.85
     assert (tmp_path / "elpv-mono" / "report.html").is_file()

@@ -1,0 +1,131 @@
+"""Fitting large training sets: peak memory and time against the number of images (prints figures).
+
+    python benchmarks/bench_memory.py                    # 1,000 / 2,000 / 4,000 generated images
+    python benchmarks/bench_memory.py --sizes 500,1000 --coverage 60000
+
+Each size runs in a fresh process (so that its peak RSS is its own) with the default settings
+on generated 256x256 textures (PNG files written first). Prints fit seconds, peak RSS, the
+bank size and the time ratio between consecutive sizes. ``--coverage N`` also compares, on N
+generated patch vectors, the coverage radius (farthest any vector lies from the bank) of the
+chunked coreset against the plain greedy one, and the image AUROC of a fit on float16 patches
+on disk against one on float32 patches in memory, on synthetic defects.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def texture(rng: np.random.Generator, size: int = 256, defect: bool = False) -> np.ndarray:
+    y, x = np.mgrid[0:size, 0:size].astype(np.float32)
+    phase = rng.uniform(0, 2 * np.pi, size=2)
+    base = 0.5 + 0.25 * np.sin(x * 0.3 + phase[0]) * np.cos(y * 0.3 + phase[1])
+    image = np.stack([base, base * 0.9 + 0.05, base * 0.7 + 0.1], axis=-1) + rng.normal(0, 0.03, (size, size, 3))
+    if defect:
+        row, col = rng.integers(20, size - 40, size=2)
+        image[row : row + 16, col : col + 16] *= 0.55
+    return (np.clip(image, 0, 1) * 255).astype(np.uint8)
+
+
+def write_images(folder: Path, count: int, seed: int = 0) -> list[Path]:
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        path = folder / f"{i:05d}.png"
+        if not path.exists():
+            Image.fromarray(texture(rng)).save(path, compress_level=1)
+        paths.append(path)
+    return paths
+
+
+def fit_one(folder: str, count: int) -> dict:
+    from patchcore import PatchCore
+
+    paths = sorted(Path(folder).glob("*.png"))[:count]
+    start_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    started = time.perf_counter()
+    model = PatchCore().fit(paths)
+    return {"images": count, "fit_seconds": time.perf_counter() - started, "timings": model.fit_timings_,
+            "patches": model.n_training_patches_, "bank": int(model.memory_bank_.shape[0]),
+            "rss_before_fit_mib": start_rss, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def coverage_and_auroc(n_vectors: int) -> None:
+    from sklearn.metrics import roc_auc_score
+
+    from patchcore import PatchCore
+    from patchcore.engine.coreset import coverage_radius, coreset_size, select_coreset
+
+    rng = np.random.default_rng(1)
+    centres = rng.standard_normal((300, 64)).astype(np.float32) * 4
+    vectors = centres[rng.integers(300, size=n_vectors)] + rng.standard_normal((n_vectors, 64)).astype(np.float32)
+    k = coreset_size(n_vectors, 0.01)
+    started = time.perf_counter()
+    full = select_coreset(vectors, k, exact_limit=n_vectors)
+    full_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    chunked = select_coreset(vectors, k, exact_limit=0)
+    chunked_seconds = time.perf_counter() - started
+    full_radius, chunked_radius = coverage_radius(vectors, full), coverage_radius(vectors, chunked)
+    print(f"coverage radius on {n_vectors} vectors, 1% bank: plain greedy {full_radius:.3f} ({full_seconds:.1f} s), "
+          f"chunked {chunked_radius:.3f} ({chunked_seconds:.1f} s): x{chunked_radius / full_radius:.3f}")
+
+    train = [texture(rng) for _ in range(40)]
+    test = [texture(rng) for _ in range(20)] + [texture(rng, defect=True) for _ in range(20)]
+    labels = [0] * 20 + [1] * 20
+    disk = PatchCore(coreset_ratio=0.05).fit(train)  # float16 patches in a temporary file
+    memory = PatchCore(coreset_ratio=0.05)
+    with memory.extract_patches(train) as patches:
+        memory.fit_patches(patches.read(0, len(patches)))  # float32 patches in memory
+    aurocs = [roc_auc_score(labels, [p.score for p in model.predict(test, maps=False)]) for model in (disk, memory)]
+    print(f"image AUROC on synthetic defects: float16 on disk {aurocs[0]:.4f}, float32 in memory {aurocs[1]:.4f} "
+          f"(difference {abs(aurocs[0] - aurocs[1]):.4f})")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="1000,2000,4000")
+    parser.add_argument("--coverage", type=int, default=60000, help="vectors for the coverage comparison (0: skip)")
+    parser.add_argument("--folder", default=None, help="where the generated images go (default: a temporary folder)")
+    parser.add_argument("--one", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(fit_one(args.one[0], int(args.one[1]))))
+        return
+    sizes = [int(s) for s in args.sizes.split(",")]
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = Path(args.folder or scratch) / "train"
+        write_images(folder, max(sizes))
+        previous = None
+        for size in sizes:
+            result = subprocess.run([sys.executable, __file__, "--one", str(folder), str(size)], capture_output=True,
+                                    text=True, env=os.environ.copy())
+            if result.returncode != 0:
+                print(f"{size} images: failed\n{result.stderr[-2000:]}")
+                continue
+            row = json.loads(result.stdout.strip().splitlines()[-1])
+            ratio = f", x{row['fit_seconds'] / previous['fit_seconds']:.2f} the time of {previous['images']}" if previous else ""
+            stages = ", ".join(f"{k} {v:.0f} s" for k, v in row["timings"].items())
+            print(f"{size:5d} images: fit {row['fit_seconds']:6.1f} s ({stages}){ratio}; {row['patches']} patches -> "
+                  f"bank {row['bank']}; peak RSS {row['peak_rss_mib']:.0f} MiB ({row['rss_before_fit_mib']:.0f} before fitting)",
+                  flush=True)
+            previous = row
+    if args.coverage:
+        coverage_and_auroc(args.coverage)
+
+
+if __name__ == "__main__":
+    main()
