@@ -14,6 +14,7 @@ on disk against one on float32 patches in memory, on synthetic defects.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import resource
@@ -66,8 +67,10 @@ def fit_one(folder: str, count: int) -> dict:
 def coverage_and_auroc(n_vectors: int) -> None:
     from sklearn.metrics import roc_auc_score
 
+    import patchcore.engine.model as model_module
     from patchcore import PatchCore
     from patchcore.engine.coreset import coverage_radius, coreset_size, select_coreset
+    from patchcore.engine.patch_store import PatchStore
 
     rng = np.random.default_rng(1)
     centres = rng.standard_normal((300, 64)).astype(np.float32) * 4
@@ -88,8 +91,11 @@ def coverage_and_auroc(n_vectors: int) -> None:
     labels = [0] * 20 + [1] * 20
     disk = PatchCore(coreset_ratio=0.05).fit(train)  # float16 patches in a temporary file
     memory = PatchCore(coreset_ratio=0.05)
-    with memory.extract_patches(train) as patches:
-        memory.fit_patches(patches.read(0, len(patches)))  # float32 patches in memory
+    model_module.PatchStore = functools.partial(PatchStore, dtype=np.float32)  # float32 patches, as before the store
+    try:
+        memory.fit(train)
+    finally:
+        model_module.PatchStore = PatchStore
     aurocs = [roc_auc_score(labels, [p.score for p in model.predict(test, maps=False)]) for model in (disk, memory)]
     print(f"image AUROC on synthetic defects: float16 on disk {aurocs[0]:.4f}, float32 in memory {aurocs[1]:.4f} "
           f"(difference {abs(aurocs[0] - aurocs[1]):.4f})")

@@ -114,3 +114,16 @@ def test_ray_options_without_ray_say_how_to_install_it(tmp_path, product_images)
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.stdout.strip().endswith("exit 2"), result.stderr
     assert "pip install 'patchcore[ray]'" in result.stderr
+
+
+def test_serve_passes_queue_and_teach_in_options_to_the_service(tmp_path, monkeypatch):
+    import patchcore.serving.server as server
+
+    calls = []
+    monkeypatch.setattr(server, "serve", lambda model, **options: calls.append((model, options)))
+    assert main(["serve", str(tmp_path), "--max-queue", "0", "--allow-remote-teach-in", "--port", "9001"]) == 0
+    assert main(["serve", str(tmp_path)]) == 0
+    (model, first), (_, default) = calls
+    assert model == str(tmp_path) and first["port"] == 9001
+    assert first["max_queue"] == 0 and first["remote_teaching"] is True
+    assert default["max_queue"] == 64 and default["remote_teaching"] is False

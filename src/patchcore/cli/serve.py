@@ -21,6 +21,10 @@ def add_parser(commands) -> None:
     parser.add_argument("--max-upload-mb", type=float, default=DEFAULT_MAX_UPLOAD_MB,
                         help=f"largest accepted upload in MiB (default: {DEFAULT_MAX_UPLOAD_MB:g})")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads of each model's network (default: every core)")
+    parser.add_argument("--max-queue", type=int, default=64,
+                        help="requests that may wait for a free scoring slot; more are refused at once with 503 (default: 64)")
+    parser.add_argument("--allow-remote-teach-in", action="store_true",
+                        help="accept good images (POST /v1/models/{name}/good) from other machines too (default: this machine only)")
     parser.set_defaults(handler=run)
 
 
@@ -29,6 +33,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.max_upload_mb <= 0:
         raise ValueError("--max-upload-mb must be positive")
+    if args.max_queue < 0:
+        raise ValueError("--max-queue must be 0 or more")
     serve(args.model, host=args.host, port=args.port, workers=args.workers,
-          max_upload_bytes=int(math.floor(args.max_upload_mb * 2**20)), threads=args.threads)
+          max_upload_bytes=int(math.floor(args.max_upload_mb * 2**20)), threads=args.threads,
+          max_queue=args.max_queue, remote_teaching=args.allow_remote_teach_in)
     return 0

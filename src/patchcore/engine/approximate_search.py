@@ -33,6 +33,12 @@ def _pq_subquantizers(dim: int, target: int) -> int:
     return 1
 
 
+#: HNSW's search breadth. 32 found the exact nearest neighbour for 99.9% of patches on macaroni1
+#: (lite2, shorter side 384, 31,104 bank vectors) with the same AUROC and AUPRO as 64, searching
+#: 1.3x faster per photo (docs/experiments.md); the image score's top patches are re-checked exactly.
+HNSW_EF_SEARCH = 32
+
+
 class ApproximateIndex:
     """Approximate L2 k-nearest-neighbour search over the rows of ``memory_bank`` (faiss)."""
 
@@ -42,7 +48,7 @@ class ApproximateIndex:
         kind: str = "ivfpq",
         *,
         hnsw_neighbours: int = 32,
-        ef_search: int = 64,
+        ef_search: int = HNSW_EF_SEARCH,
         nprobe: int = 8,
         refine: int = 4,
         seed: int = 0,

@@ -24,7 +24,7 @@ DEFAULTS: dict[str, Any] = {
     "projection_dim": 128,
     "num_neighbours": 9,
     "reweight": True,
-    "resize": 320,
+    "resize": 384,
     "crop": None,
     "tile_size": None,
     "tile_overlap": 0.25,
