@@ -127,3 +127,14 @@ def test_serve_passes_queue_and_teach_in_options_to_the_service(tmp_path, monkey
     assert model == str(tmp_path) and first["port"] == 9001
     assert first["max_queue"] == 0 and first["remote_teaching"] is True
     assert default["max_queue"] == 64 and default["remote_teaching"] is False
+
+
+def test_max_bank_size_takes_a_count_or_none_for_no_cap():
+    from patchcore.cli.options import model_settings_from_args
+
+    parse = build_parser().parse_args
+    assert model_settings_from_args(parse(["fit", "good", "-o", "m", "--max-bank-size", "none"]))["max_bank_size"] is None
+    assert model_settings_from_args(parse(["fit", "good", "-o", "m", "--max-bank-size", "500"]))["max_bank_size"] == 500
+    assert "max_bank_size" not in model_settings_from_args(parse(["fit", "good", "-o", "m"]))
+    with pytest.raises(SystemExit):
+        parse(["fit", "good", "-o", "m", "--max-bank-size", "0"])

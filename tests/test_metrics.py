@@ -307,3 +307,24 @@ def test_pixel_metrics_f1_and_roc_match_brute_force():
     assert result["auroc"] == pytest.approx(roc_auc_score(labels, scores))
     fpr, tpr = result["roc"]
     assert fpr[0] == tpr[0] == 0.0 and fpr[-1] == tpr[-1] == 1.0 and np.all(np.diff(fpr) >= 0)
+
+
+def test_pixel_scores_gathered_image_by_image_match_sklearn_also_after_more_images_arrive():
+    from sklearn.metrics import roc_auc_score
+
+    from patchcore.evaluation.metrics import PixelScores
+
+    rng = np.random.default_rng(3)
+    masks = [rng.random((20, 30)) < 0.1 for _ in range(4)]
+    maps = [rng.random((20, 30)).astype(np.float32) + 0.5 * m for m in masks]
+    pixels = PixelScores()
+    for mask, amap in zip(masks[:2], maps[:2]):
+        pixels.add(mask, amap)
+    first = pixels.pixel_metrics()["auroc"]
+    for mask, amap in zip(masks[2:], maps[2:]):
+        pixels.add(mask, amap)
+    expected = [roc_auc_score(np.concatenate([m.ravel() for m in masks[:n]]), np.concatenate([a.ravel() for a in maps[:n]]))
+                for n in (2, 4)]
+    assert first == pytest.approx(expected[0], abs=1e-12)
+    assert pixels.pixel_metrics()["auroc"] == pytest.approx(expected[1], abs=1e-12)
+    assert pixels.regions == sum(ndimage.label(m, structure=np.ones((3, 3)))[1] for m in masks)

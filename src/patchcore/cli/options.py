@@ -37,6 +37,12 @@ def pixels_or_none(text: str) -> int | str:
     return value
 
 
+def count_or_none(text: str) -> int | str:
+    if text.lower() == "none":
+        return EXPLICIT_NONE
+    return positive_int(text)
+
+
 def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -87,8 +93,9 @@ def add_model_options(parser: argparse.ArgumentParser, methods: bool = False) ->
                             "(.safetensors/.pth, torchvision or timm key names), or 'random' (benchmarks only)")
     group.add_argument("--coreset-ratio", type=ratio, default=None,
                        help=f"share of training patches kept in the memory bank, 0.001 to 1 (default: {_default('coreset_ratio')})")
-    group.add_argument("--max-bank-size", type=positive_int, default=None,
-                       help=f"the most vectors the memory bank keeps, whatever the ratio (default: {_default('max_bank_size')})")
+    group.add_argument("--max-bank-size", type=count_or_none, default=None,
+                       help=f"the most vectors the memory bank keeps, whatever the ratio, or 'none' for no cap "
+                            f"(default: {_default('max_bank_size')})")
     group.add_argument("--feature-width", type=int, default=None,
                        help="width of the patch features (default: 1024 for wide_resnet50_2, every channel for narrow backbones)")
     group.add_argument("--neighbourhood", type=int, default=None, help=f"local neighbourhood size p (default: {_default('neighbourhood')})")

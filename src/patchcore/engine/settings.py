@@ -32,7 +32,7 @@ DEFAULTS: dict[str, Any] = {
     "weights": IMAGENET_WEIGHTS,
     "feature_location": None,
     "search_backend": "auto",
-    "batch_size": 8,
+    "batch_size": 4,
     "seed": 0,
     "device": "auto",
     "runtime": "auto",

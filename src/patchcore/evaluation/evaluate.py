@@ -76,8 +76,7 @@ def evaluate_dataset(model, dataset: Dataset, output: Path | None, eval_size: in
     samples = list(dataset.test)
     labels = np.array([s.label for s in samples], dtype=np.int64)
     scores = np.empty(len(samples), dtype=np.float64)
-    metric_maps: list[np.ndarray] = []  # float32, full size or eval_size
-    metric_masks: list[np.ndarray] = []
+    pixels = metrics.PixelScores()  # each map's pixels, added as it arrives (full size or eval_size)
     panels: list[tuple[Image.Image, np.ndarray, np.ndarray | None]] = []  # small photo, map, mask
     stage_seconds: dict[str, float] = {}
     predict_seconds = 0.0
@@ -105,8 +104,7 @@ def evaluate_dataset(model, dataset: Dataset, output: Path | None, eval_size: in
             if eval_size is not None:
                 amap = resize_map(amap, (eval_size, eval_size))
                 mask = resize_mask(mask, (eval_size, eval_size))
-            metric_maps.append(amap)
-            metric_masks.append(mask)
+            pixels.add(mask, amap)
         del amap, mask
     predictions.close()
 
@@ -144,14 +142,14 @@ def evaluate_dataset(model, dataset: Dataset, output: Path | None, eval_size: in
     if both_classes:
         curves["image_roc"] = metrics.roc_curve_points(labels, scores)
     if with_masks:
-        pixel = metrics.pixel_metrics(metric_masks, metric_maps)
+        pixel = pixels.pixel_metrics()
         result["pixel_auroc"] = pixel["auroc"]
         result["pixel_f1_max"], result["pixel_f1_threshold"] = pixel["f1_max"], pixel["f1_threshold"]
         curves["pixel_roc"] = pixel["roc"]
-        fpr, pro = metrics.pro_curve_points(metric_masks, metric_maps)
+        fpr, pro = pixels.pro_curve()
         result["aupro"] = metrics.area_under_pro(fpr, pro, AUPRO_FPR_LIMIT)
         curves["pro"] = (fpr, pro)
-    del metric_maps, metric_masks
+    del pixels
 
     if output is not None:
         _write_outputs(Path(output) / dataset.name, result, samples, scores, panels, curves, evidence)

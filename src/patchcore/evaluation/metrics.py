@@ -52,32 +52,163 @@ def roc_curve_points(
     return fpr, tpr
 
 
-def _flatten_pixels(masks: Sequence[np.ndarray], maps: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """All pixels of all images as one bool label array and one float32 score array."""
-    if len(masks) != len(maps):
-        raise ValueError(f"got {len(masks)} masks but {len(maps)} anomaly maps")
-    if len(masks) == 0:
-        raise ValueError("no masks given")
-    total = 0
-    for index, (mask, amap) in enumerate(zip(masks, maps)):
-        mask_shape, map_shape = np.shape(mask), np.shape(amap)
+def _concatenate_releasing(parts: list[np.ndarray]) -> np.ndarray:
+    """The parts joined into one array, each part released (popped from ``parts``) once copied, so
+    that the whole is never held twice."""
+    whole = np.empty(sum(part.size for part in parts), dtype=parts[0].dtype if parts else np.float32)
+    start = 0
+    parts.reverse()
+    while parts:
+        part = parts.pop()
+        whole[start:start + part.size] = part
+        start += part.size
+    return whole
+
+
+class PixelScores:
+    """The pixels of a test set, gathered one image at a time: normal pixels' scores, anomalous
+    pixels' scores and the ground-truth region (8-connected) each anomalous pixel belongs to.
+
+    That is all pixel AUROC, F1-max and AUPRO need, so an evaluation can drop each full-size map
+    as soon as it is added instead of holding every map until the end.
+    """
+
+    def __init__(self) -> None:
+        self._normal: list[np.ndarray] = []
+        self._anomalous: list[np.ndarray] = []
+        self._regions: list[np.ndarray] = []
+        self.images = 0
+        self.regions = 0
+        self._gathered: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+
+    def add(self, mask: np.ndarray, anomaly_map: np.ndarray) -> None:
+        """One image's ground-truth mask (non-zero = anomalous) and anomaly map, of equal shape."""
+        index = self.images
+        mask_shape, map_shape = np.shape(mask), np.shape(anomaly_map)
         if len(mask_shape) != 2:
             raise ValueError(f"mask {index} has shape {mask_shape}; masks must be 2-D")
         if mask_shape != map_shape:
             raise ValueError(f"anomaly map {index} has shape {map_shape} but its mask has shape {mask_shape}")
-        total += int(np.prod(mask_shape))
-    # Filled in place, so that only one float32 copy of all pixels is ever held.
-    labels = np.empty(total, dtype=bool)
-    scores = np.empty(total, dtype=np.float32)
-    start = 0
+        scores = np.asarray(anomaly_map, dtype=np.float32)
+        if not np.isfinite(scores).all():
+            raise ValueError("anomaly maps contain NaN or infinite values (or values too large for float32)")
+        anomalous = np.asarray(mask) != 0
+        labelled, count = ndimage.label(anomalous, structure=_EIGHT_CONNECTED)
+        self._normal.append(scores[~anomalous])
+        self._anomalous.append(scores[anomalous])
+        self._regions.append(labelled[anomalous].astype(np.int64) + self.regions)  # 1-based, unique over images
+        self.images += 1
+        self.regions += count
+        self._gathered = None
+
+    def _gather(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Normal scores ascending; anomalous scores descending (ties in image order) with their regions."""
+        if self._gathered is None:
+            if self.images == 0:
+                raise ValueError("no masks given")
+            normal = _concatenate_releasing(self._normal)
+            normal.sort()
+            self._normal = [normal]
+            anomalous = _concatenate_releasing(self._anomalous)
+            regions = _concatenate_releasing(self._regions)
+            order = np.argsort(-anomalous, kind="stable")
+            self._gathered = normal, anomalous[order], regions[order]
+            self._anomalous, self._regions = [self._gathered[1]], [self._gathered[2]]
+        return self._gathered
+
+    def pixel_metrics(self, curve_points: int = 512) -> dict:
+        """Pixel AUROC, F1-max with its threshold, and the ROC curve (for plotting).
+
+        The AUROC is the Mann-Whitney statistic, the share of (anomalous, normal) pixel pairs ranked
+        correctly with ties counted half: it equals sklearn's ``roc_auc_score`` but, from one sort of
+        the normal pixels in float32, is several times faster and lighter on whole test sets. F1-max
+        is exact: the best F1 is reached at the score of an anomalous pixel, and all of those are
+        tried. The ROC curve is sampled at ``curve_points`` anomalous-score quantiles plus its ends.
+        """
+        normal, anomalous, _ = self._gather()
+        if normal.size == 0 or anomalous.size == 0:
+            present = "normal" if anomalous.size == 0 else "anomalous"
+            raise ValueError(f"pixel AUROC needs both normal and anomalous examples, but all "
+                             f"{normal.size + anomalous.size} are {present}")
+        below = np.searchsorted(normal, anomalous, side="left")  # normal pixels scored lower
+        tied = np.searchsorted(normal, anomalous, side="right") - below
+        pairs = float(normal.size) * float(anomalous.size)
+        auroc = float((below.sum(dtype=np.int64) + 0.5 * tied.sum(dtype=np.int64)) / pairs)
+        del below, tied
+        # Thresholds at each distinct anomalous score: true positives = anomalous pixels >= it.
+        last_of_value = np.r_[np.flatnonzero(np.diff(anomalous) != 0), anomalous.size - 1]
+        thresholds = anomalous[last_of_value]
+        true_positives = last_of_value + 1.0
+        false_positives = (normal.size - np.searchsorted(normal, thresholds, side="left")).astype(np.float64)
+        precision = true_positives / (true_positives + false_positives)
+        recall = true_positives / anomalous.size
+        f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-300)
+        best = int(np.argmax(f1))
+        sample = np.unique(np.linspace(0, thresholds.size - 1, min(curve_points, thresholds.size)).astype(np.int64))
+        fpr = np.r_[0.0, false_positives[sample] / normal.size, 1.0]
+        tpr = np.r_[0.0, recall[sample], 1.0]
+        return {"auroc": auroc, "f1_max": float(f1[best]), "f1_threshold": float(thresholds[best]), "roc": (fpr, tpr)}
+
+    def pro_curve(self, num_thresholds: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The per-region-overlap curve as (false positive rates, PRO values), from (0, 0) to (1, 1).
+
+        A pixel is predicted anomalous when its score is >= the threshold. PRO is the mean, over all
+        connected ground-truth regions (8-connectivity), of the fraction of the region predicted
+        anomalous; FPR is the fraction of all normal pixels predicted anomalous.
+
+        With ``num_thresholds=None`` the curve is exact: it has a corner at every distinct score.
+        Both rates only change at scores of their own pixels, so it suffices to evaluate the curve
+        just above and at every distinct anomalous-pixel score; between those, only normal pixels
+        cross the threshold and the curve runs horizontally. With an integer, the curve is sampled
+        at that many evenly spaced thresholds between the lowest and highest score (an
+        approximation, as in some other tools).
+        """
+        normal, anomalous, regions = self._gather()
+        if self.regions == 0:
+            raise ValueError("AUPRO needs at least one anomalous region, but every mask is empty")
+        if normal.size == 0:
+            raise ValueError("AUPRO needs normal pixels, but every mask covers its whole image")
+        # Each anomalous pixel weighs 1 / (regions x its region's size): the weights of the pixels
+        # predicted anomalous add up to the mean per-region overlap.
+        weights = 1.0 / (self.regions * np.bincount(regions)[regions].astype(np.float64))
+        pro_reached = np.cumsum(weights)  # PRO once the threshold reaches anomalous[i]
+        del weights
+
+        def normal_share_at_least(thresholds: np.ndarray) -> np.ndarray:
+            return (normal.size - np.searchsorted(normal, thresholds, side="left")) / normal.size
+
+        if num_thresholds is None:
+            last_of_value = np.r_[np.flatnonzero(np.diff(anomalous) != 0), anomalous.size - 1]
+            values = anomalous[last_of_value]
+            pro_at = pro_reached[last_of_value]
+            pro_above = np.r_[0.0, pro_at[:-1]]
+            fpr_above = (normal.size - np.searchsorted(normal, values, side="right")) / normal.size
+            fpr_at = normal_share_at_least(values)
+            fpr = np.column_stack([fpr_above, fpr_at]).ravel()
+            pro = np.column_stack([pro_above, pro_at]).ravel()
+        else:
+            if num_thresholds < 2:
+                raise ValueError(f"num_thresholds must be at least 2, got {num_thresholds}")
+            low = min(float(normal[0]), float(anomalous[-1]))
+            high = max(float(normal[-1]), float(anomalous[0]))
+            thresholds = np.linspace(high, low, num_thresholds, dtype=np.float64).astype(np.float32)
+            fpr = normal_share_at_least(thresholds)
+            # anomalous is descending: count of scores >= t is the insertion point in the negated array.
+            reached = np.searchsorted(-anomalous, -thresholds, side="right")
+            pro = np.r_[0.0, pro_reached][reached]
+        fpr = np.r_[0.0, fpr, 1.0]
+        pro = np.clip(np.r_[0.0, pro, 1.0], 0.0, 1.0)  # clip float rounding of the weight sums
+        return fpr, pro
+
+
+def pixel_scores(masks: Sequence[np.ndarray], maps: Sequence[np.ndarray]) -> PixelScores:
+    """:class:`PixelScores` of equally long sequences of masks and anomaly maps."""
+    if len(masks) != len(maps):
+        raise ValueError(f"got {len(masks)} masks but {len(maps)} anomaly maps")
+    pixels = PixelScores()
     for mask, amap in zip(masks, maps):
-        stop = start + np.size(mask)
-        labels[start:stop] = np.asarray(mask).ravel() != 0
-        scores[start:stop] = np.asarray(amap).ravel()
-        start = stop
-    if not np.isfinite(scores).all():
-        raise ValueError("anomaly maps contain NaN or infinite values (or values too large for float32)")
-    return labels, scores
+        pixels.add(mask, amap)
+    return pixels
 
 
 def pixel_auroc(masks: Sequence[np.ndarray], maps: Sequence[np.ndarray]) -> float:
@@ -86,109 +217,15 @@ def pixel_auroc(masks: Sequence[np.ndarray], maps: Sequence[np.ndarray]) -> floa
 
 
 def pixel_metrics(masks: Sequence[np.ndarray], maps: Sequence[np.ndarray], curve_points: int = 512) -> dict:
-    """Pixel AUROC, F1-max with its threshold, and the ROC curve (for plotting), from one sort.
-
-    The AUROC is the Mann-Whitney statistic, the share of (anomalous, normal) pixel pairs ranked
-    correctly with ties counted half: it equals sklearn's ``roc_auc_score`` but, with one sort of
-    the normal pixels in float32, is several times faster and lighter on whole test sets. F1-max is
-    exact: the best F1 is reached at the score of an anomalous pixel, and all of those are tried.
-    The ROC curve is sampled at ``curve_points`` anomalous-score quantiles plus its end points.
-    """
-    labels, scores = _flatten_pixels(masks, maps)
-    _require_both_classes(labels, "pixel AUROC")
-    normal = np.sort(scores[~labels])
-    anomalous = np.sort(scores[labels])[::-1]  # descending
-    del labels, scores
-    below = np.searchsorted(normal, anomalous, side="left")  # normal pixels scored lower
-    tied = np.searchsorted(normal, anomalous, side="right") - below
-    pairs = float(normal.size) * float(anomalous.size)
-    auroc = float((below.sum(dtype=np.int64) + 0.5 * tied.sum(dtype=np.int64)) / pairs)
-    # Thresholds at each distinct anomalous score: true positives = anomalous pixels >= it.
-    last_of_value = np.r_[np.flatnonzero(np.diff(anomalous) != 0), anomalous.size - 1]
-    thresholds = anomalous[last_of_value]
-    true_positives = last_of_value + 1.0
-    false_positives = (normal.size - np.searchsorted(normal, thresholds, side="left")).astype(np.float64)
-    precision = true_positives / (true_positives + false_positives)
-    recall = true_positives / anomalous.size
-    f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-300)
-    best = int(np.argmax(f1))
-    sample = np.unique(np.linspace(0, thresholds.size - 1, min(curve_points, thresholds.size)).astype(np.int64))
-    fpr = np.r_[0.0, false_positives[sample] / normal.size, 1.0]
-    tpr = np.r_[0.0, recall[sample], 1.0]
-    return {"auroc": auroc, "f1_max": float(f1[best]), "f1_threshold": float(thresholds[best]), "roc": (fpr, tpr)}
-
-
-def _region_weights(masks: Sequence[np.ndarray]) -> np.ndarray:
-    """For each anomalous pixel (in flattened order): 1 / (number of regions * size of its region).
-
-    Summing these weights over the pixels predicted anomalous gives the mean per-region overlap.
-    """
-    region_ids = []
-    offset = 0
-    for mask in masks:
-        labelled, count = ndimage.label(np.asarray(mask) != 0, structure=_EIGHT_CONNECTED)
-        ids = labelled.ravel()
-        region_ids.append(ids[ids > 0] + offset)  # globally unique ids, 1-based
-        offset += count
-    if offset == 0:
-        raise ValueError("AUPRO needs at least one anomalous region, but every mask is empty")
-    ids = np.concatenate(region_ids)
-    sizes = np.bincount(ids)
-    return 1.0 / (offset * sizes[ids].astype(np.float64))
+    """Pixel AUROC, F1-max with its threshold, and the ROC curve (see :meth:`PixelScores.pixel_metrics`)."""
+    return pixel_scores(masks, maps).pixel_metrics(curve_points)
 
 
 def pro_curve_points(
     masks: Sequence[np.ndarray], maps: Sequence[np.ndarray], num_thresholds: int | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The per-region-overlap curve as (false positive rates, PRO values), from (0, 0) to (1, 1).
-
-    A pixel is predicted anomalous when its score is >= the threshold. PRO is the mean, over all
-    connected ground-truth regions (8-connectivity), of the fraction of the region predicted
-    anomalous; FPR is the fraction of all normal pixels predicted anomalous.
-
-    With ``num_thresholds=None`` the curve is exact: it has a corner at every distinct score.
-    Both rates only change at scores of their own pixels, so it suffices to evaluate the curve
-    just above and at every distinct anomalous-pixel score; between those, only normal pixels
-    cross the threshold and the curve runs horizontally. With an integer, the curve is sampled
-    at that many evenly spaced thresholds between the lowest and highest score (an approximation,
-    as in some other tools).
-    """
-    labels, scores = _flatten_pixels(masks, maps)
-    weights = _region_weights(masks)
-    normal = np.sort(scores[~labels])
-    if normal.size == 0:
-        raise ValueError("AUPRO needs normal pixels, but every mask covers its whole image")
-    anomalous = scores[labels]
-    del labels, scores
-    order = np.argsort(-anomalous, kind="stable")  # descending scores
-    anomalous, weights = anomalous[order], weights[order]
-    pro_reached = np.cumsum(weights)  # PRO once the threshold reaches anomalous[i]
-
-    def normal_share_at_least(thresholds: np.ndarray) -> np.ndarray:
-        return (normal.size - np.searchsorted(normal, thresholds, side="left")) / normal.size
-
-    if num_thresholds is None:
-        last_of_value = np.r_[np.flatnonzero(np.diff(anomalous) != 0), anomalous.size - 1]
-        values = anomalous[last_of_value]
-        pro_at = pro_reached[last_of_value]
-        pro_above = np.r_[0.0, pro_at[:-1]]
-        fpr_above = (normal.size - np.searchsorted(normal, values, side="right")) / normal.size
-        fpr_at = normal_share_at_least(values)
-        fpr = np.column_stack([fpr_above, fpr_at]).ravel()
-        pro = np.column_stack([pro_above, pro_at]).ravel()
-    else:
-        if num_thresholds < 2:
-            raise ValueError(f"num_thresholds must be at least 2, got {num_thresholds}")
-        low = min(float(normal[0]), float(anomalous[-1]))
-        high = max(float(normal[-1]), float(anomalous[0]))
-        thresholds = np.linspace(high, low, num_thresholds, dtype=np.float64).astype(np.float32)
-        fpr = normal_share_at_least(thresholds)
-        # anomalous is descending: count of scores >= t is the insertion point in the negated array.
-        reached = np.searchsorted(-anomalous, -thresholds, side="right")
-        pro = np.r_[0.0, pro_reached][reached]
-    fpr = np.r_[0.0, fpr, 1.0]
-    pro = np.clip(np.r_[0.0, pro, 1.0], 0.0, 1.0)  # clip float rounding of the weight sums
-    return fpr, pro
+    """The per-region-overlap curve as (false positive rates, PRO values) (see :meth:`PixelScores.pro_curve`)."""
+    return pixel_scores(masks, maps).pro_curve(num_thresholds)
 
 
 def aupro(
@@ -199,8 +236,8 @@ def aupro(
 ) -> float:
     """Normalised area under the PRO curve up to ``fpr_limit`` (Bergmann et al., MVTec AD).
 
-    The curve (see :func:`pro_curve_points`) is integrated with the trapezoidal rule from FPR 0 to
-    exactly ``fpr_limit`` (interpolating linearly there) and divided by ``fpr_limit``, so the
+    The curve (see :meth:`PixelScores.pro_curve`) is integrated with the trapezoidal rule from FPR
+    0 to exactly ``fpr_limit`` (interpolating linearly there) and divided by ``fpr_limit``, so the
     result lies in [0, 1]; 1 means every region is fully found before any false positive.
     """
     if not 0.0 < fpr_limit <= 1.0:
