@@ -29,6 +29,8 @@ def test_fit_then_predict_writes_scores_and_overlays(tmp_path, product_images, c
     code = main(["predict", str(tmp_path / "model"), *inputs, str(broken), "-o", str(tmp_path / "out")])
     captured = capsys.readouterr()
     assert code == 1 and "broken.jpg" in captured.err  # the bad image is reported ...
+    assert "64 per image" in captured.out  # fit: a 64x64 input at stride 8 is an 8x8 grid of patches
+    assert f"{len(inputs)} images in" in captured.out and "ms per image" in captured.out  # predict's timing
     with open(tmp_path / "out" / "scores.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert [r["path"] for r in rows] == inputs  # ... and every other image is scored

@@ -33,7 +33,9 @@ def run(args: argparse.Namespace) -> int:
     model.save(args.output)
     timings = ", ".join(f"{k} {v:.1f}s" for k, v in model.fit_timings_.items())
     features_mib = model.n_training_patches_ * model.memory_bank_.shape[1] * 4 / 2**20
-    print(f"fitted on {model.n_training_images_} images ({model.n_training_patches_} patches, {features_mib:.0f} MiB of "
+    per_image = model.n_training_patches_ / max(1, model.n_training_images_)
+    print(f"fitted on {model.n_training_images_} images ({model.n_training_patches_} patches, {per_image:.0f} per image; "
+          f"{features_mib:.0f} MiB of "
           f"features): memory bank {model.memory_bank_.shape[0]} x {model.memory_bank_.shape[1]} "
           f"({model.memory_bank_.nbytes / 2**20:.1f} MiB; {timings}); search: {model.index_.__class__.__name__} "
           f"finding {100 * model.search_recall_:.1f}% of nearest neighbours exactly; saved to {args.output}")

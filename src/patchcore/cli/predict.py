@@ -6,6 +6,7 @@ import argparse
 import csv
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Iterable
 
@@ -130,6 +131,7 @@ def run(args: argparse.Namespace) -> int:
     if args.evidence and getattr(model, "memory_bank_origin_", None) is None:
         raise ValueError(f"{args.model}: the model does not record where its memory bank came from (saved by an older "
                          "patchcore); fit it again for --evidence")
+    started = time.perf_counter()
     stream = model.iter_predict(args.inputs, maps=want_maps, on_error=skipped,
                                 keep_images=not args.no_overlays or args.evidence > 0, evidence=args.evidence)
     predictions = write_predictions(model, stream, Path(args.output), overlays=not args.no_overlays,
@@ -137,7 +139,13 @@ def run(args: argparse.Namespace) -> int:
     for prediction in predictions:
         verdict = "" if prediction.is_anomalous is None else ("  ANOMALOUS" if prediction.is_anomalous else "  ok")
         print(f"{prediction.score:10.4f}{verdict}  {prediction.name}")
-    print(f"wrote {Path(args.output) / 'scores.csv'}" + ("" if args.no_overlays else f" and {len(predictions)} overlays"))
+    seconds = time.perf_counter() - started
+    network = {stage: 1000 * sum(p.timings.get(stage, 0.0) for p in predictions) / max(1, len(predictions))
+               for stage in ("backbone", "search", "map")}
+    print(f"wrote {Path(args.output) / 'scores.csv'}" + ("" if args.no_overlays else f" and {len(predictions)} overlays")
+          + f": {len(predictions)} images in {seconds:.1f} s, {1000 * seconds / max(1, len(predictions)):.0f} ms per image "
+          f"with reading and writing (network {network['backbone']:.0f}, search {network['search']:.0f}, "
+          f"map {network['map']:.0f} ms)")
     if skipped.errors:
         print(f"error: {len(skipped.errors)} of {len(skipped.errors) + len(predictions)} images could not be read", file=sys.stderr)
         return 1

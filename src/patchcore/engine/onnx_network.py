@@ -14,6 +14,8 @@ import warnings
 
 import numpy as np
 
+from .cpus import available_cpus
+
 #: ONNX operator set of exported graphs (ONNX Runtime 1.16 and later run it).
 OPSET = 17
 INPUT_NAME = "pixels"
@@ -50,7 +52,7 @@ def export_network(network, example_size: tuple[int, int] = (256, 256)) -> bytes
 class OnnxNetwork:
     """Runs an exported patch network: numpy pixels in, numpy patch features out.
 
-    ``threads``: ONNX Runtime's intra-op threads (default: every core). Its worker threads do not
+    ``threads``: ONNX Runtime's intra-op threads (default: every core this process may use). Its worker threads do not
     spin while they wait for work: on a shared machine spinning threads slowed every step down.
     """
 
@@ -59,7 +61,7 @@ class OnnxNetwork:
 
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = max(1, threads or os.cpu_count() or 1)
+        options.intra_op_num_threads = max(1, threads or available_cpus())
         options.inter_op_num_threads = 1
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         source = graph if isinstance(graph, bytes) else str(graph)

@@ -13,6 +13,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from ..engine.cpus import available_cpus
 from ..engine.images import IMAGE_SUFFIXES
 from .ray_runtime import connect
 
@@ -64,7 +65,7 @@ def fit_many(root: str | os.PathLike, output: str | os.PathLike, settings: dict[
             if progress:
                 _report(results[-1])
         return results
-    ray_module = connect(address, None if address else max(cpus_per_task, os.cpu_count() or 1))
+    ray_module = connect(address, None if address else max(cpus_per_task, available_cpus()))
     task = ray_module.remote(num_cpus=cpus_per_task)(fit_one)
     pending = {task.remote(folder, target, settings, cpus_per_task): folder for folder, target in jobs}
     results = []

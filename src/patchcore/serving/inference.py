@@ -11,12 +11,12 @@ threads made the service's memory grow with the number of clients (load test: 1.
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from ..engine.cpus import available_cpus
 from ..engine.images import TooManyPixels, read_image
 from ..errors import ImageLoadError
 from .guard import ServiceError
@@ -32,7 +32,7 @@ UPLOAD_FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "WEBP")
 def default_slots(threads: int | None = None) -> int:
     """One slot per group of ``threads`` network threads the machine's cores allow (default: one
     slot whose network uses every core)."""
-    cores = os.cpu_count() or 1
+    cores = available_cpus()
     return max(1, cores // max(1, threads or cores))
 
 
