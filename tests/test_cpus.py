@@ -12,3 +12,33 @@ def test_thread_counts_follow_the_cores_this_process_may_use_not_the_machine(mon
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
     assert available_cpus() == 4
     assert default_slots() == 1 and default_slots(threads=1) == 4 and default_slots(threads=2) == 2
+
+
+def test_free_cpus_counts_the_cores_idle_now_at_least_one(monkeypatch):
+    import patchcore.engine.cpus as cpus
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+
+    def samples(*pairs):
+        values = iter(pairs)
+        monkeypatch.setattr(cpus, "_cpu_times", lambda: next(values))
+
+    samples((100.0, 1000.0), (150.0, 1200.0))  # a quarter of the machine idle: 2 of 8 cores
+    assert cpus.free_cpus(window=0) == 2
+    samples((100.0, 1000.0), (100.0, 1200.0))  # every core busy
+    assert cpus.free_cpus(window=0) == 1
+    samples((100.0, 1000.0), (300.0, 1200.0))  # idle machine, but this process may use only 3 cores
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    assert cpus.free_cpus(window=0) == 3
+    samples(None)  # no /proc/stat: every available core
+    assert cpus.free_cpus(window=0) == 3
+
+
+def test_the_coreset_is_the_same_on_one_thread_or_two():
+    import numpy as np
+
+    from patchcore.engine.coreset import farthest_point_order
+
+    points = np.random.default_rng(0).standard_normal((3000, 32)).astype(np.float32)
+    assert np.array_equal(farthest_point_order(points, 50, threads=1), farthest_point_order(points, 50, threads=2))

@@ -16,8 +16,10 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
+from .cpus import free_cpus
 from .patch_store import ArrayRows, PatchStore
 
 MIN_RATIO = 0.001
@@ -102,16 +104,19 @@ def select_coreset(
     if sampler == "random":
         return rng.choice(n_points, size=n_select, replace=False)
     matrix = projection_matrix(source.width, projection_dim, seed)
+    threads = free_cpus()
     if n_points <= exact_limit:
         points = projected(source.read(0, n_points), matrix)
-        return farthest_point_order(points, n_select, first=int(rng.integers(n_points)), progress=progress)
+        return farthest_point_order(points, n_select, first=int(rng.integers(n_points)), progress=progress,
+                                    threads=threads)
     picks = []
     for start in tqdm(range(0, n_points, chunk_size), desc="coreset chunks", unit="chunk", disable=not progress):
         points = projected(source.read(start, start + chunk_size), matrix)
         share = min(len(points), int(math.ceil(len(points) * n_select / n_points * OVERSAMPLING)))
-        picks.append(start + farthest_point_order(points, share))
+        picks.append(start + farthest_point_order(points, share, threads=threads))
     union = np.sort(np.concatenate(picks))
-    return union[farthest_point_order(projected(source.take(union), matrix), n_select, progress=progress)]
+    return union[farthest_point_order(projected(source.take(union), matrix), n_select, progress=progress,
+                                      threads=threads)]
 
 
 def greedy_coreset(
@@ -147,7 +152,7 @@ def _bounding_sketch(points: np.ndarray, dims: int) -> np.ndarray:
 
 def farthest_point_order(
     points: np.ndarray, n_select: int, first: int = 0, progress: bool = False, sketch_dims: int = 16,
-    initial_nearest: np.ndarray | None = None,
+    initial_nearest: np.ndarray | None = None, threads: int = 1,
 ) -> np.ndarray:
     """Greedy farthest-point selection of ``n_select`` rows of ``points``, starting at ``first``.
 
@@ -157,7 +162,20 @@ def farthest_point_order(
 
     ``initial_nearest`` continues a selection: each point's squared distance to centres chosen
     before (not among ``points``); the first pick is then the point farthest from them.
+
+    The thousands of small steps run on ``threads`` BLAS threads: give it only cores that are
+    free (:func:`~patchcore.engine.cpus.free_cpus`). Split over two threads beside two busy
+    processes, each step waited for a thread kept off the CPU and bottle's coreset took 25x as
+    long (x1.55 on one thread); on two idle cores two threads are 1.5x faster than one.
     """
+    with threadpool_limits(limits=max(1, threads), user_api="blas"):
+        return _farthest_point_order(points, n_select, first, progress, sketch_dims, initial_nearest)
+
+
+def _farthest_point_order(
+    points: np.ndarray, n_select: int, first: int, progress: bool, sketch_dims: int,
+    initial_nearest: np.ndarray | None,
+) -> np.ndarray:
     n_points, dim = points.shape
     sketch = _bounding_sketch(points, min(sketch_dims, dim))
     sketch_norms = np.einsum("ij,ij->i", sketch, sketch)

@@ -277,7 +277,7 @@ def create_app(
         host = request.client.host if request.client else ""
         if not remote_teaching and host not in ("127.0.0.1", "::1", "localhost"):
             raise ServiceError(403, "teaching a model is accepted from this machine only (start the service with "
-                                    "remote teaching to allow it from others)")
+                                    "--allow-remote-teach-in to allow it from others)")
         model = served(name)
         files = await read_images(request)
         return await run_in_threadpool(teach, model, files, False)
