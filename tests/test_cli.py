@@ -140,3 +140,19 @@ def test_max_bank_size_takes_a_count_or_none_for_no_cap():
     assert "max_bank_size" not in model_settings_from_args(parse(["fit", "good", "-o", "m"]))
     with pytest.raises(SystemExit):
         parse(["fit", "good", "-o", "m", "--max-bank-size", "0"])
+
+
+def test_overlays_are_written_fast_at_a_low_png_compression_level(tmp_path):
+    from patchcore.engine.overlay import save_png
+
+    rng = np.random.default_rng(0)
+    picture = Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    save_png(picture, tmp_path / "fast.png")
+    picture.save(tmp_path / "default.png")
+    with Image.open(tmp_path / "fast.png") as written:
+        assert np.array_equal(np.asarray(written), np.asarray(picture))  # lossless
+    smooth = Image.fromarray(np.tile(np.arange(64, dtype=np.uint8), (64, 1)).repeat(3).reshape(64, 64, 3))
+    save_png(smooth, tmp_path / "smooth-fast.png")
+    smooth.save(tmp_path / "smooth-default.png")
+    # Level 1 trades bytes for time: on compressible pictures it writes more than the default.
+    assert (tmp_path / "smooth-fast.png").stat().st_size > (tmp_path / "smooth-default.png").stat().st_size

@@ -15,7 +15,7 @@ from PIL import Image
 
 from ..engine.evidence import evidence_picture
 from ..engine.loading import load_model
-from ..engine.overlay import heat_map_overlay, heat_scale, side_by_side
+from ..engine.overlay import heat_map_overlay, heat_scale, save_png, side_by_side
 from ..engine.prediction import Prediction
 from ..engine.scoring import resize_bilinear
 from .options import SkippedImages, add_runtime_options, positive_int, use_device
@@ -105,14 +105,14 @@ def _write_rows(model, predictions, output, overlays, evidence, decided, low, hi
                 heat = prediction.anomaly_map
                 if heat.shape != (photo.height, photo.width):  # a JPEG decoded at the scale the network needed
                     heat = resize_bilinear(heat, (photo.height, photo.width))
-                side_by_side(photo, heat_map_overlay(photo, heat, low, high)).save(output / "overlays" / name)
+                save_png(side_by_side(photo, heat_map_overlay(photo, heat, low, high)), output / "overlays" / name)
             if prediction.mask is not None:
                 Image.fromarray(prediction.mask.astype(np.uint8) * 255).save(output / "masks" / name)
             if evidence:
                 found[prediction.name] = []
                 for k, item in enumerate(prediction.evidence, 1):
                     picture = f"{name[:-4]}-{k}.png"
-                    evidence_picture(prediction.image, item).save(output / "evidence" / picture)
+                    save_png(evidence_picture(prediction.image, item), output / "evidence" / picture)
                     found[prediction.name].append({**item.to_dict(), "picture": f"evidence/{picture}"})
             prediction.anomaly_map = prediction.mask = prediction.image = None
             done.append(prediction)

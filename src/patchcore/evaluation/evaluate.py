@@ -20,6 +20,7 @@ from PIL import Image
 from ..engine.evidence import evidence_picture
 from ..engine.images import read_image, unique_names
 from ..engine.model import PatchCore
+from ..engine.overlay import save_png
 from . import metrics
 from .datasets import Dataset, TestSample, load_mask, load_mvtec_category, mvtec_categories
 from .figures import AUPRO_FPR_LIMIT, plot_curves
@@ -173,14 +174,14 @@ def _write_outputs(folder: Path, result: dict, samples: list[TestSample], scores
     files = []
     for stem, (photo, panel_map, panel_mask) in zip(stems, panels):
         name = f"images/{stem}.png"
-        three_panels(photo, panel_map, panel_mask, low, high, pixel_threshold).save(folder / name)
+        save_png(three_panels(photo, panel_map, panel_mask, low, high, pixel_threshold), folder / name)
         files.append(name)
     result["overlay_threshold"] = float(pixel_threshold)
     evidence_files: dict[int, tuple[str, object]] = {}
     for i in worst_cases(samples, scores):  # the cases the report shows: their evidence, as pictures
         if evidence[i]:
             name = f"images/{stems[i]}-evidence.png"
-            evidence_picture(read_image(samples[i].path), evidence[i][0]).save(folder / name)
+            save_png(evidence_picture(read_image(samples[i].path), evidence[i][0]), folder / name)
             evidence_files[i] = (name, evidence[i][0])
     curve_files = plot_curves(folder, result, curves)
     (folder / "metrics.json").write_text(json.dumps(result, indent=2, default=json_default) + "\n")

@@ -46,7 +46,7 @@ class Scorer:
 
 
 def _write_overlay(model, prediction, folder: Path) -> None:
-    from ..engine.overlay import heat_map_overlay, heat_scale, side_by_side
+    from ..engine.overlay import heat_map_overlay, heat_scale, save_png, side_by_side
     from ..engine.scoring import resize_bilinear
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -57,7 +57,7 @@ def _write_overlay(model, prediction, folder: Path) -> None:
         heat = resize_bilinear(heat, (photo.height, photo.width))
     # Named after the whole path: workers on other machines write into one folder without collisions.
     name = prediction.name.strip("/").replace("/", "__") + ".png"
-    side_by_side(photo, heat_map_overlay(photo, heat, low, high)).save(folder / name)
+    save_png(side_by_side(photo, heat_map_overlay(photo, heat, low, high)), folder / name)
 
 
 def done_paths(results: Path) -> set[str]:
