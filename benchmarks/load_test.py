@@ -1,6 +1,6 @@
 """Load test of the inference service: N concurrent clients for a bounded time against a real server.
 
-Starts ``patchcore.service.serve`` in a subprocess on a free loopback port (with a small model fitted
+Starts ``patchcore.serving.server.serve`` in a subprocess on a free loopback port (with a small model fitted
 here, or ``--model-dir``), runs ``--clients`` concurrent clients posting a PNG for ``--duration``
 seconds, then prints throughput, latency percentiles, errors and the server's peak RSS (Linux).
 
@@ -117,10 +117,10 @@ def main(argv: list[str] | None = None) -> int:
             _fit_small_model(model_dir, args.size, args.resize, args.crop)
         port = _free_port()
         code = (
-            "import sys; from patchcore.service import serve; "
+            "import sys; from patchcore.serving.server import serve; "
             f"serve({str(model_dir)!r}, host='127.0.0.1', port={port}, log_level='warning')"
         )
-        env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+        env = dict(os.environ)
         server = subprocess.Popen([sys.executable, "-c", code], env=env)
         try:
             import httpx
