@@ -328,3 +328,22 @@ def test_pixel_scores_gathered_image_by_image_match_sklearn_also_after_more_imag
     assert first == pytest.approx(expected[0], abs=1e-12)
     assert pixels.pixel_metrics()["auroc"] == pytest.approx(expected[1], abs=1e-12)
     assert pixels.regions == sum(ndimage.label(m, structure=np.ones((3, 3)))[1] for m in masks)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64])
+def test_pixel_metrics_and_pro_curve_do_not_depend_on_the_chunk_size(monkeypatch, chunk):
+    import patchcore.evaluation.metrics as metrics_module
+
+    rng = np.random.default_rng(5)
+    masks = [rng.random((16, 16)) < 0.2 for _ in range(3)]
+    # Few distinct scores: runs of equal anomalous scores cross the chunk borders.
+    maps = [np.round(rng.random((16, 16)) * 6 + 3 * m).astype(np.float32) for m in masks]
+    whole = metrics_module.pixel_scores(masks, maps)
+    expected, expected_pro = whole.pixel_metrics(curve_points=16), whole.pro_curve()
+    monkeypatch.setattr(metrics_module, "METRIC_CHUNK", chunk)
+    chunked = metrics_module.pixel_scores(masks, maps)
+    got, got_pro = chunked.pixel_metrics(curve_points=16), chunked.pro_curve()
+    assert got["auroc"] == expected["auroc"] and got["f1_max"] == expected["f1_max"]
+    assert got["f1_threshold"] == expected["f1_threshold"]
+    for a, b in [*zip(got["roc"], expected["roc"]), *zip(got_pro, expected_pro)]:
+        assert np.array_equal(a, b)

@@ -77,7 +77,7 @@ def evaluate_dataset(model, dataset: Dataset, output: Path | None, eval_size: in
     samples = list(dataset.test)
     labels = np.array([s.label for s in samples], dtype=np.int64)
     scores = np.empty(len(samples), dtype=np.float64)
-    pixels = metrics.PixelScores()  # each map's pixels, added as it arrives (full size or eval_size)
+    pixels = metrics.PixelScores(len(samples))  # each map's pixels, added as it arrives (full size or eval_size)
     panels: list[tuple[Image.Image, np.ndarray, np.ndarray | None]] = []  # small photo, map, mask
     stage_seconds: dict[str, float] = {}
     predict_seconds = 0.0

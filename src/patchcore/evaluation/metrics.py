@@ -52,6 +52,24 @@ def roc_curve_points(
     return fpr, tpr
 
 
+#: Anomalous pixels handled at a time by the pixel metrics: bounds their temporaries.
+METRIC_CHUNK = 1 << 20
+
+
+def _chunks_and_value_ends(descending: np.ndarray, chunk: int | None = None):
+    """``(start, stop, ends)`` for consecutive chunks of ``descending`` scores, where ``ends`` are the
+    absolute positions in the chunk whose score differs from the next one's (the last of each run
+    of equal scores), the final position included."""
+    chunk = chunk or METRIC_CHUNK
+    for start in range(0, descending.size, chunk):
+        stop = min(start + chunk, descending.size)
+        following = descending[start + 1 : stop + 1]
+        ends = start + np.flatnonzero(descending[start:start + following.size] != following)
+        if stop == descending.size:
+            ends = np.r_[ends, stop - 1]
+        yield start, stop, ends
+
+
 def _concatenate_releasing(parts: list[np.ndarray]) -> np.ndarray:
     """The parts joined into one array, each part released (popped from ``parts``) once copied, so
     that the whole is never held twice."""
@@ -70,11 +88,15 @@ class PixelScores:
     pixels' scores and the ground-truth region (8-connected) each anomalous pixel belongs to.
 
     That is all pixel AUROC, F1-max and AUPRO need, so an evaluation can drop each full-size map
-    as soon as it is added instead of holding every map until the end.
+    as soon as it is added instead of holding every map until the end. ``expected_images`` (how
+    many images will be added) lets the normal scores, most of the memory, go into one buffer
+    sized at the first image instead of growing.
     """
 
-    def __init__(self) -> None:
-        self._normal: list[np.ndarray] = []
+    def __init__(self, expected_images: int = 0) -> None:
+        self.expected_images = expected_images
+        self._normal = np.empty(0, dtype=np.float32)  # normal scores in [:_normal_count]
+        self._normal_count = 0
         self._anomalous: list[np.ndarray] = []
         self._regions: list[np.ndarray] = []
         self.images = 0
@@ -94,21 +116,32 @@ class PixelScores:
             raise ValueError("anomaly maps contain NaN or infinite values (or values too large for float32)")
         anomalous = np.asarray(mask) != 0
         labelled, count = ndimage.label(anomalous, structure=_EIGHT_CONNECTED)
-        self._normal.append(scores[~anomalous])
+        self._append_normal(scores[~anomalous], scores.size)
         self._anomalous.append(scores[anomalous])
         self._regions.append(labelled[anomalous].astype(np.int64) + self.regions)  # 1-based, unique over images
         self.images += 1
         self.regions += count
         self._gathered = None
 
+    def _append_normal(self, values: np.ndarray, image_pixels: int) -> None:
+        needed = self._normal_count + values.size
+        if needed > self._normal.size:
+            # Room for the images still expected, if they are this size; else grow by half.
+            still_expected = max(0, self.expected_images - self.images - 1)
+            capacity = max(needed + still_expected * image_pixels, int(1.5 * self._normal.size))
+            grown = np.empty(capacity, dtype=np.float32)
+            grown[: self._normal_count] = self._normal[: self._normal_count]
+            self._normal = grown
+        self._normal[self._normal_count : needed] = values
+        self._normal_count = needed
+
     def _gather(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Normal scores ascending; anomalous scores descending (ties in image order) with their regions."""
         if self._gathered is None:
             if self.images == 0:
                 raise ValueError("no masks given")
-            normal = _concatenate_releasing(self._normal)
-            normal.sort()
-            self._normal = [normal]
+            normal = self._normal[: self._normal_count]
+            normal.sort()  # in place: the buffer's first part, which later images extend
             anomalous = _concatenate_releasing(self._anomalous)
             regions = _concatenate_releasing(self._regions)
             order = np.argsort(-anomalous, kind="stable")
@@ -130,24 +163,41 @@ class PixelScores:
             present = "normal" if anomalous.size == 0 else "anomalous"
             raise ValueError(f"pixel AUROC needs both normal and anomalous examples, but all "
                              f"{normal.size + anomalous.size} are {present}")
-        below = np.searchsorted(normal, anomalous, side="left")  # normal pixels scored lower
-        tied = np.searchsorted(normal, anomalous, side="right") - below
+        # Thresholds at each distinct anomalous score (the last of each run of equal scores in the
+        # descending order): true positives = anomalous pixels >= it. Computed chunk by chunk so
+        # that the temporaries stay small beside the test set's pixels.
+        distinct = int(np.count_nonzero(anomalous[1:] != anomalous[:-1])) + 1
+        sampled = np.unique(np.linspace(0, distinct - 1, min(curve_points, distinct)).astype(np.int64))
+        below_total = tied_total = 0
+        best_f1, best_threshold, seen = -1.0, 0.0, 0
+        fpr_parts, tpr_parts = [], []
+        for start, stop, ends in _chunks_and_value_ends(anomalous):
+            chunk = anomalous[start:stop]
+            below = np.searchsorted(normal, chunk, side="left")  # normal pixels scored lower
+            tied = np.searchsorted(normal, chunk, side="right") - below
+            below_total += int(below.sum(dtype=np.int64))
+            tied_total += int(tied.sum(dtype=np.int64))
+            del below, tied
+            if ends.size == 0:  # the whole chunk is one run of equal scores that goes on
+                continue
+            thresholds = anomalous[ends]
+            true_positives = ends + 1.0
+            false_positives = (normal.size - np.searchsorted(normal, thresholds, side="left")).astype(np.float64)
+            precision = true_positives / (true_positives + false_positives)
+            recall = true_positives / anomalous.size
+            f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-300)
+            best = int(np.argmax(f1))
+            if f1[best] > best_f1:  # the first maximum overall, as one argmax over all thresholds
+                best_f1, best_threshold = float(f1[best]), float(thresholds[best])
+            here = sampled[(sampled >= seen) & (sampled < seen + ends.size)] - seen
+            fpr_parts.append(false_positives[here] / normal.size)
+            tpr_parts.append(recall[here])
+            seen += ends.size
         pairs = float(normal.size) * float(anomalous.size)
-        auroc = float((below.sum(dtype=np.int64) + 0.5 * tied.sum(dtype=np.int64)) / pairs)
-        del below, tied
-        # Thresholds at each distinct anomalous score: true positives = anomalous pixels >= it.
-        last_of_value = np.r_[np.flatnonzero(np.diff(anomalous) != 0), anomalous.size - 1]
-        thresholds = anomalous[last_of_value]
-        true_positives = last_of_value + 1.0
-        false_positives = (normal.size - np.searchsorted(normal, thresholds, side="left")).astype(np.float64)
-        precision = true_positives / (true_positives + false_positives)
-        recall = true_positives / anomalous.size
-        f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-300)
-        best = int(np.argmax(f1))
-        sample = np.unique(np.linspace(0, thresholds.size - 1, min(curve_points, thresholds.size)).astype(np.int64))
-        fpr = np.r_[0.0, false_positives[sample] / normal.size, 1.0]
-        tpr = np.r_[0.0, recall[sample], 1.0]
-        return {"auroc": auroc, "f1_max": float(f1[best]), "f1_threshold": float(thresholds[best]), "roc": (fpr, tpr)}
+        auroc = float((below_total + 0.5 * tied_total) / pairs)
+        fpr = np.concatenate([[0.0], *fpr_parts, [1.0]])
+        tpr = np.concatenate([[0.0], *tpr_parts, [1.0]])
+        return {"auroc": auroc, "f1_max": best_f1, "f1_threshold": best_threshold, "roc": (fpr, tpr)}
 
     def pro_curve(self, num_thresholds: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """The per-region-overlap curve as (false positive rates, PRO values), from (0, 0) to (1, 1).
@@ -170,25 +220,33 @@ class PixelScores:
             raise ValueError("AUPRO needs normal pixels, but every mask covers its whole image")
         # Each anomalous pixel weighs 1 / (regions x its region's size): the weights of the pixels
         # predicted anomalous add up to the mean per-region overlap.
-        weights = 1.0 / (self.regions * np.bincount(regions)[regions].astype(np.float64))
-        pro_reached = np.cumsum(weights)  # PRO once the threshold reaches anomalous[i]
-        del weights
+        region_sizes = np.bincount(regions).astype(np.float64)
 
         def normal_share_at_least(thresholds: np.ndarray) -> np.ndarray:
             return (normal.size - np.searchsorted(normal, thresholds, side="left")) / normal.size
 
         if num_thresholds is None:
-            last_of_value = np.r_[np.flatnonzero(np.diff(anomalous) != 0), anomalous.size - 1]
-            values = anomalous[last_of_value]
-            pro_at = pro_reached[last_of_value]
-            pro_above = np.r_[0.0, pro_at[:-1]]
-            fpr_above = (normal.size - np.searchsorted(normal, values, side="right")) / normal.size
-            fpr_at = normal_share_at_least(values)
-            fpr = np.column_stack([fpr_above, fpr_at]).ravel()
-            pro = np.column_stack([pro_above, pro_at]).ravel()
+            # Chunk by chunk (small temporaries); the running sum carries over exactly as one cumsum.
+            fpr_parts, pro_parts = [], []
+            reached, previous = 0.0, 0.0  # PRO before the chunk; PRO at the last threshold so far
+            for start, stop, ends in _chunks_and_value_ends(anomalous):
+                weights = 1.0 / (self.regions * region_sizes[regions[start:stop]])
+                pro_reached = np.cumsum(np.r_[reached, weights])[1:]  # PRO once the threshold reaches anomalous[i]
+                reached = float(pro_reached[-1])
+                if ends.size == 0:  # the whole chunk is one run of equal scores that goes on
+                    continue
+                values = anomalous[ends]
+                pro_at = pro_reached[ends - start]
+                pro_above = np.r_[previous, pro_at[:-1]]
+                previous = float(pro_at[-1])
+                fpr_above = (normal.size - np.searchsorted(normal, values, side="right")) / normal.size
+                fpr_parts.append(np.column_stack([fpr_above, normal_share_at_least(values)]).ravel())
+                pro_parts.append(np.column_stack([pro_above, pro_at]).ravel())
+            fpr, pro = np.concatenate(fpr_parts), np.concatenate(pro_parts)
         else:
             if num_thresholds < 2:
                 raise ValueError(f"num_thresholds must be at least 2, got {num_thresholds}")
+            pro_reached = np.cumsum(1.0 / (self.regions * region_sizes[regions]))
             low = min(float(normal[0]), float(anomalous[-1]))
             high = max(float(normal[-1]), float(anomalous[0]))
             thresholds = np.linspace(high, low, num_thresholds, dtype=np.float64).astype(np.float32)
