@@ -42,3 +42,22 @@ def test_the_coreset_is_the_same_on_one_thread_or_two():
 
     points = np.random.default_rng(0).standard_normal((3000, 32)).astype(np.float32)
     assert np.array_equal(farthest_point_order(points, 50, threads=1), farthest_point_order(points, 50, threads=2))
+
+
+def test_device_auto_uses_the_cpu_without_a_gpu_and_cuda_is_refused_clearly(product_images):
+    import pytest
+    import torch
+
+    from patchcore import PatchCore
+    from patchcore.cli.options import use_device
+    from conftest import small_model_settings
+
+    if torch.cuda.is_available():
+        pytest.skip("this check is for machines without a GPU")
+    model = PatchCore(**small_model_settings(), device="auto").fit(product_images["train"][:3])
+    assert model.device_ == "onnxruntime"  # the CPU, with ONNX Runtime
+    assert PatchCore(**small_model_settings(), device="cpu", runtime="torch").fit(product_images["train"][:3]).device_ == "torch"
+    with pytest.raises(ValueError, match="torch sees no GPU"):
+        PatchCore(**small_model_settings(), device="cuda").fit(product_images["train"][:3])
+    with pytest.raises(ValueError, match="torch sees no GPU"):
+        use_device(model, "cuda")
