@@ -15,7 +15,7 @@ from patchcore import PatchCore
 from patchcore.evaluation import experiments
 from patchcore.engine.approximate_search import ApproximateIndex
 from patchcore.evaluation.baselines import Padim, Spade
-from patchcore.cli.main import build_parser, main
+from patchcore.cli.main import main
 from patchcore.engine.coreset import coverage_radius, greedy_coreset
 from patchcore.evaluation.datasets import load_mvtec_category
 from patchcore.evaluation.evaluate import evaluate_dataset

@@ -15,9 +15,8 @@ from PIL import Image
 
 from ..engine.evidence import evidence_picture
 from ..engine.loading import load_model
-from ..engine.overlay import heat_map_overlay, heat_scale, save_png, side_by_side
+from ..engine.overlay import model_heat_scale, overlay_beside_photo, save_png
 from ..engine.prediction import Prediction
-from ..engine.scoring import resize_bilinear
 from .options import SkippedImages, add_runtime_options, positive_int, use_device
 
 
@@ -65,8 +64,8 @@ def write_predictions(model, predictions: Iterable[Prediction], output: Path, ov
     """Write each prediction as it arrives: a line of ``scores.csv`` (path, score[, is_anomalous]),
     its heat-map overlay, and with a pixel threshold its binary defect mask.
 
-    Overlays share the model's fixed colour scale (:func:`heat_scale`), so colours compare across
-    images and runs; each photo is decoded once, for scoring and drawing. With ``evidence``, each
+    Overlays share the model's fixed colour scale (:func:`~patchcore.engine.overlay.heat_scale`), so
+    colours compare across images and runs; each photo is decoded once, for scoring and drawing. With ``evidence``, each
     prediction's evidence goes to ``evidence.json`` (written at the end, or when interrupted) and a picture
     of each item (the patch beside its nearest normal patch) to ``evidence/``. An interrupted run
     keeps every line written so far. Returns the predictions (without their maps and photos).
@@ -74,7 +73,7 @@ def write_predictions(model, predictions: Iterable[Prediction], output: Path, ov
     output.mkdir(parents=True, exist_ok=True)
     decided = getattr(model, "threshold_", None) is not None
     pixel_threshold = getattr(model, "pixel_threshold_", None)
-    low, high = heat_scale(model.normal_patch_score_mean_, model.normal_patch_score_std_, pixel_threshold)
+    low, high = model_heat_scale(model)
     if overlays:
         (output / "overlays").mkdir(exist_ok=True)
     if pixel_threshold is not None:
@@ -101,11 +100,7 @@ def _write_rows(model, predictions, output, overlays, evidence, decided, low, hi
             handle.flush()
             name = names(prediction.name, position)
             if overlays:
-                photo = prediction.image
-                heat = prediction.anomaly_map
-                if heat.shape != (photo.height, photo.width):  # a JPEG decoded at the scale the network needed
-                    heat = resize_bilinear(heat, (photo.height, photo.width))
-                save_png(side_by_side(photo, heat_map_overlay(photo, heat, low, high)), output / "overlays" / name)
+                save_png(overlay_beside_photo(prediction.image, prediction.anomaly_map, low, high), output / "overlays" / name)
             if prediction.mask is not None:
                 Image.fromarray(prediction.mask.astype(np.uint8) * 255).save(output / "masks" / name)
             if evidence:

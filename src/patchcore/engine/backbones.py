@@ -20,6 +20,7 @@ from .weights import (
     timm_block_names,
 )
 
+
 def _layer_indices(architecture: str, layers: tuple[str, ...]) -> list[int]:
     stages = feature_stages(architecture)
     names = [s["module"] for s in stages]

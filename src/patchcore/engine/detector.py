@@ -23,12 +23,12 @@ from .patch_store import PatchStore
 from .prediction import ErrorHandler, Evidence, Prediction
 from .scoring import anomaly_map, network_map, reweighted_image_score
 from .search import MemoryBankIndex
+from .thresholds import flagging_threshold
 
 #: With ``search_backend="auto"``: exact search up to this many bank vectors, HNSW above.
 AUTO_EXACT_LIMIT = 4096
 #: Patches re-measured exactly at a time when an approximate index found the highest scores.
 EXACT_RECHECK = 16
-from .thresholds import flagging_threshold
 
 
 def embed_batches(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import asdict
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -17,14 +17,14 @@ from .approximate_search import KINDS as APPROXIMATE_KINDS
 from .backbone_specs import BackboneSpec, resolve_spec
 from .backbones import build_network, create_backbone
 from .coreset import SAMPLERS, coreset_size, select_coreset
-from .patch_store import ArrayRows, PatchStore
 from .detector import Detector, embed_batches
 from .embedding import feature_pipeline
 from .geometry import parse_resize
 from .images import ImageSource, expand_sources
+from .onnx_network import OnnxNetwork, export_network, onnxruntime_available
+from .patch_store import ArrayRows, PatchStore
 from .prediction import ErrorHandler
 from .search import BACKENDS
-from .onnx_network import OnnxNetwork, export_network, onnxruntime_available
 from .settings import DEFAULTS, DEVICES, PRESETS, RUNTIMES  # noqa: F401  (PRESETS: part of this module's API)
 from .weights import load_into
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
+from .scoring import resize_bilinear
+
 
 def _jet(levels: int = 256) -> np.ndarray:
     """The jet colour map (blue - cyan - yellow - red), as ``levels`` x 3 ``uint8`` RGB rows."""
@@ -77,6 +79,19 @@ def scale_box(box: tuple[int, int, int, int], from_size: tuple[int, int], to_siz
     sx, sy = to_size[0] / from_size[0], to_size[1] / from_size[1]
     return (int(box[0] * sx), int(box[1] * sy), max(int(box[0] * sx) + 1, round(box[2] * sx)),
             max(int(box[1] * sy) + 1, round(box[3] * sy)))
+
+
+def model_heat_scale(model) -> tuple[float, float]:
+    """:func:`heat_scale` of a fitted (or exported) model: its normal scale and pixel threshold."""
+    return heat_scale(model.normal_patch_score_mean_, model.normal_patch_score_std_, getattr(model, "pixel_threshold_", None))
+
+
+def overlay_beside_photo(photo: Image.Image, anomaly_map: np.ndarray, low: float, high: float) -> Image.Image:
+    """The photo beside its heat-map overlay. A map at the photo's original size is resized to a
+    photo decoded smaller (a JPEG read at the scale the network needed)."""
+    if anomaly_map.shape != (photo.height, photo.width):
+        anomaly_map = resize_bilinear(anomaly_map, (photo.height, photo.width))
+    return side_by_side(photo, heat_map_overlay(photo, anomaly_map, low, high))
 
 
 def save_png(image: Image.Image, path) -> None:

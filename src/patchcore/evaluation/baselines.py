@@ -32,13 +32,13 @@ import torch
 
 from ..engine.backbone_specs import DEFAULT_BACKBONE, IMAGENET_WEIGHTS, resolve_spec
 from ..engine.backbones import create_backbone
-from ..errors import NotFittedError
-from ..engine.images import ImageSource, expand_sources
 from ..engine.detector import embed_batches
 from ..engine.embedding import feature_pipeline
+from ..engine.images import ImageSource, expand_sources
 from ..engine.prediction import ErrorHandler, Prediction
 from ..engine.scoring import anomaly_map
 from ..engine.search import MemoryBankIndex
+from ..errors import NotFittedError
 
 METHODS = ("patchcore", "spade", "padim")
 _ONE_SIZE = ("{name} compares patches position by position, so every training image must give the same network input: "

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from ..errors import ImageLoadError
 from ..engine.images import IMAGE_SUFFIXES, list_images
+from ..errors import ImageLoadError
 
 #: EXIF orientation tag; its values 5-8 turn the image by 90 degrees (width and height swap).
 ORIENTATION_TAG = 0x0112

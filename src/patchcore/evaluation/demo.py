@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..engine.model import PatchCore
 from .datasets import Dataset, TestSample
 from .elpv import load_elpv, split_elpv
 from .evaluate import evaluate_dataset
 from .summary import format_table
-from ..engine.model import PatchCore
 
 DEMO_TEST_GOOD = 100
 DEMO_TEST_DEFECTIVE = 100

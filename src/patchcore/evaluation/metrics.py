@@ -56,31 +56,17 @@ def roc_curve_points(
 METRIC_CHUNK = 1 << 20
 
 
-def _chunks_and_value_ends(descending: np.ndarray, chunk: int | None = None):
+def _chunks_and_value_ends(descending: np.ndarray):
     """``(start, stop, ends)`` for consecutive chunks of ``descending`` scores, where ``ends`` are the
     absolute positions in the chunk whose score differs from the next one's (the last of each run
     of equal scores), the final position included."""
-    chunk = chunk or METRIC_CHUNK
-    for start in range(0, descending.size, chunk):
-        stop = min(start + chunk, descending.size)
+    for start in range(0, descending.size, METRIC_CHUNK):
+        stop = min(start + METRIC_CHUNK, descending.size)
         following = descending[start + 1 : stop + 1]
         ends = start + np.flatnonzero(descending[start:start + following.size] != following)
         if stop == descending.size:
             ends = np.r_[ends, stop - 1]
         yield start, stop, ends
-
-
-def _concatenate_releasing(parts: list[np.ndarray]) -> np.ndarray:
-    """The parts joined into one array, each part released (popped from ``parts``) once copied, so
-    that the whole is never held twice."""
-    whole = np.empty(sum(part.size for part in parts), dtype=parts[0].dtype if parts else np.float32)
-    start = 0
-    parts.reverse()
-    while parts:
-        part = parts.pop()
-        whole[start:start + part.size] = part
-        start += part.size
-    return whole
 
 
 class PixelScores:
@@ -142,8 +128,8 @@ class PixelScores:
                 raise ValueError("no masks given")
             normal = self._normal[: self._normal_count]
             normal.sort()  # in place: the buffer's first part, which later images extend
-            anomalous = _concatenate_releasing(self._anomalous)
-            regions = _concatenate_releasing(self._regions)
+            anomalous = np.concatenate(self._anomalous)
+            regions = np.concatenate(self._regions)
             order = np.argsort(-anomalous, kind="stable")
             self._gathered = normal, anomalous[order], regions[order]
             self._anomalous, self._regions = [self._gathered[1]], [self._gathered[2]]

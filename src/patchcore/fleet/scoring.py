@@ -46,18 +46,12 @@ class Scorer:
 
 
 def _write_overlay(model, prediction, folder: Path) -> None:
-    from ..engine.overlay import heat_map_overlay, heat_scale, save_png, side_by_side
-    from ..engine.scoring import resize_bilinear
+    from ..engine.overlay import model_heat_scale, overlay_beside_photo, save_png
 
     folder.mkdir(parents=True, exist_ok=True)
-    low, high = heat_scale(model.normal_patch_score_mean_, model.normal_patch_score_std_,
-                           getattr(model, "pixel_threshold_", None))
-    photo, heat = prediction.image, prediction.anomaly_map
-    if heat.shape != (photo.height, photo.width):
-        heat = resize_bilinear(heat, (photo.height, photo.width))
     # Named after the whole path: workers on other machines write into one folder without collisions.
     name = prediction.name.strip("/").replace("/", "__") + ".png"
-    save_png(side_by_side(photo, heat_map_overlay(photo, heat, low, high)), folder / name)
+    save_png(overlay_beside_photo(prediction.image, prediction.anomaly_map, *model_heat_scale(model)), folder / name)
 
 
 def done_paths(results: Path) -> set[str]:

@@ -23,11 +23,11 @@ from typing import Mapping
 from PIL import Image
 
 from .. import __version__
+from ..engine.persistence import read_manifest
 from ..errors import ImageLoadError
 from .guard import RequestGuard, ServiceError, UploadTooLarge
 from .inference import InferenceRunner, default_slots
 from .metrics import Metrics
-from ..engine.persistence import read_manifest
 from .models import ServedModel, load_models
 
 logger = logging.getLogger("patchcore.service")

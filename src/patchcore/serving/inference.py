@@ -17,12 +17,12 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ..engine.cpus import available_cpus
+from ..engine.evidence import evidence_picture
 from ..engine.images import TooManyPixels, read_image
 from ..errors import ImageLoadError
 from .guard import ServiceError
 from .metrics import Metrics
 from .models import ServedModel
-from ..engine.evidence import evidence_picture
 from .rendering import png_base64, render_outputs
 
 #: Formats decoded from uploads; anything else is refused without trying other Pillow plugins.

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ..engine.overlay import colourise, heat_map_overlay, heat_scale
+from ..engine.overlay import colourise, heat_map_overlay, model_heat_scale
 from ..engine.prediction import Prediction
 from ..engine.scoring import resize_bilinear
 
@@ -24,7 +24,7 @@ def render_outputs(prediction: Prediction, photo: Image.Image, model, max_side: 
                    want_map: bool, want_overlay: bool, want_mask: bool) -> dict[str, Any]:
     """The requested pictures of ``prediction`` (scaled so that no side exceeds ``max_side``).
 
-    Heat maps use the model's fixed colour scale (:func:`heat_scale`); the mask marks pixels at
+    Heat maps use the model's fixed colour scale (:func:`~patchcore.engine.overlay.heat_scale`); the mask marks pixels at
     or above the model's pixel threshold (``None`` when it has none).
     """
     pixel_map = prediction.anomaly_map  # at the photo's own size
@@ -34,7 +34,7 @@ def render_outputs(prediction: Prediction, photo: Image.Image, model, max_side: 
     size = (max(1, round(width * factor)), max(1, round(height * factor)))
     display = pixel_map if size == (width, height) else resize_bilinear(pixel_map, (size[1], size[0]))
     scaled = photo if photo.size == size else photo.resize(size, Image.BILINEAR)  # a JPEG may be decoded smaller
-    low, high = heat_scale(model.normal_patch_score_mean_, model.normal_patch_score_std_, pixel_threshold)
+    low, high = model_heat_scale(model)
     result: dict[str, Any] = {"map_scale": {"low": low, "high": high, "fixed": True},
                               "map_width": display.shape[1], "map_height": display.shape[0]}
     if want_map:
