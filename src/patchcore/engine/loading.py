@@ -23,8 +23,4 @@ def load_model(directory: str | os.PathLike, threads: int | None = None):
             f"{directory}: a saved PatchCore model needs torch ({error}); install 'patchcore[train]', or run "
             "'patchcore export' on it where torch is installed and use the export here"
         ) from None
-    model = PatchCore.load(directory)
-    if threads is not None:
-        model.threads = threads
-        model._run_network_on(model.device)
-    return model
+    return PatchCore.load(directory, threads=threads)

@@ -304,14 +304,17 @@ class PatchCore(BaseEstimator, Detector):
         )
 
     @classmethod
-    def load(cls, directory: str | os.PathLike) -> "PatchCore":
-        """Read a model written by :meth:`save`; scores are bit-identical to the saved model's."""
+    def load(cls, directory: str | os.PathLike, threads: int | None = None) -> "PatchCore":
+        """Read a model written by :meth:`save`; scores are bit-identical to the saved model's.
+        ``threads`` overrides the CPU threads of the network."""
         manifest, tensors, _ = persistence.read_model(directory)
         if manifest["format"] != persistence.FORMAT_NAME:
             raise ModelFormatError(f"{directory}: an exported model (runs without torch): load it with "
                                    "patchcore.load_model or patchcore.ExportedModel.load")
         settings = dict(manifest["settings"])
         settings["progress"] = False
+        if threads is not None:
+            settings["threads"] = threads
         if isinstance(settings.get("resize"), list):  # JSON has no tuples
             settings["resize"] = tuple(settings["resize"])
         try:
