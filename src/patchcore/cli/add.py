@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .options import SkippedImages, ratio
+from .options import SkippedImages, add_false_positive_options, add_skip_option, ratio
 
 
 def add_parser(commands) -> None:
@@ -19,9 +19,8 @@ def add_parser(commands) -> None:
                         help="share of the new images' patches that may join the bank (default: the model's)")
     parser.add_argument("--recalibrate", nargs="+", metavar="GOOD", default=None,
                         help="held-out good images: set the image and pixel thresholds again from them")
-    parser.add_argument("--max-fpr", type=float, default=0.01, help="with --recalibrate: as for fit (default: 0.01)")
-    parser.add_argument("--max-pixel-fpr", type=float, default=0.001, help="with --recalibrate: as for fit (default: 0.001)")
-    parser.add_argument("--skip-bad-images", action="store_true", help="warn about and skip unreadable images instead of stopping")
+    add_false_positive_options(parser, "--recalibrate")
+    add_skip_option(parser)
     parser.set_defaults(handler=run)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .options import SkippedImages, add_model_options, model_from_args
+from .options import SkippedImages, add_false_positive_options, add_model_options, add_skip_option, model_from_args
 
 
 def add_parser(commands) -> None:
@@ -13,13 +13,10 @@ def add_parser(commands) -> None:
                                  description="Fit a PatchCore model on images of good products and save it.")
     parser.add_argument("train", nargs="+", metavar="TRAIN", help="folder(s) or image files of good products")
     parser.add_argument("-o", "--output", required=True, metavar="MODEL_DIR", help="folder to save the model in")
-    parser.add_argument("--skip-bad-images", action="store_true", help="warn about and skip unreadable images instead of stopping")
+    add_skip_option(parser)
     parser.add_argument("--calibrate", nargs="+", metavar="GOOD", default=None,
                         help="held-out good images or folders: set the image and pixel thresholds from them")
-    parser.add_argument("--max-fpr", type=float, default=0.01,
-                        help="with --calibrate: largest share of good images that may be flagged (default: 0.01)")
-    parser.add_argument("--max-pixel-fpr", type=float, default=0.001,
-                        help="with --calibrate: largest share of good images' pixels that masks may mark (default: 0.001)")
+    add_false_positive_options(parser, "--calibrate")
     add_model_options(parser)
     parser.set_defaults(handler=run)
 

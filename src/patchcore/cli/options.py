@@ -20,7 +20,6 @@ from ..errors import ImageLoadError
 EXPLICIT_NONE = "none"
 
 
-
 def ratio(text: str) -> float:
     value = float(text)
     if not MIN_RATIO <= value <= MAX_RATIO:
@@ -76,6 +75,18 @@ def _default(name: str) -> str:
     if isinstance(value, tuple):
         return "x".join(map(str, value))
     return str(value)
+
+
+def add_false_positive_options(parser: argparse.ArgumentParser, good_option: str) -> None:
+    """``--max-fpr`` and ``--max-pixel-fpr``: how thresholds are set from the good images of ``good_option``."""
+    parser.add_argument("--max-fpr", type=float, default=0.01,
+                        help=f"with {good_option}: largest share of good images that may be flagged (default: 0.01)")
+    parser.add_argument("--max-pixel-fpr", type=float, default=0.001,
+                        help=f"with {good_option}: largest share of good images' pixels that masks may mark (default: 0.001)")
+
+
+def add_skip_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--skip-bad-images", action="store_true", help="warn about and skip unreadable images instead of stopping")
 
 
 def add_model_options(parser: argparse.ArgumentParser, methods: bool = False) -> None:

@@ -253,7 +253,7 @@ def create_app(
         finally:
             await form.close()
 
-    def teach(served_model: ServedModel, files: "list[tuple[bytes, str]]", recalibrate: bool) -> dict:
+    def teach(served_model: ServedModel, files: "list[tuple[bytes, str]]") -> dict:
         with teach_locks[served_model.name]:  # one teach-in per model at a time; scoring goes on
             current = models[served_model.name]
             try:
@@ -268,7 +268,7 @@ def create_app(
 
     @app.post("/v1/models/{name}/good", tags=["models"], summary="Teach the model good images",
               openapi_extra=_PREDICT_BODY,
-              responses={403: {"description": "not from this machine (see remote_teaching)"}})
+              responses={403: {"description": "not from this machine (see --allow-remote-teach-in)"}})
     async def add_good(name: str, request: Request) -> dict:
         """Add good images (one raw image, or a multipart form with fields `file`) to the model's
         memory bank without refitting: the model directory is replaced atomically and the service
@@ -280,7 +280,7 @@ def create_app(
                                     "--allow-remote-teach-in to allow it from others)")
         model = served(name)
         files = await read_images(request)
-        return await run_in_threadpool(teach, model, files, False)
+        return await run_in_threadpool(teach, model, files)
 
     # -- the web page ----------------------------------------------------------------------------
 
