@@ -112,6 +112,15 @@ def write_model(
     return directory
 
 
+def model_sha256(directory: str | os.PathLike) -> str:
+    """The SHA-256 of a model directory's manifest: it names every file by its own SHA-256, so it
+    identifies the model version exactly (scores written by two different versions never share it)."""
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        raise ModelFormatError(f"{directory}: no {MANIFEST}; not a patchcore model directory")
+    return _sha256(path)
+
+
 def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
     """The checked manifest of a model directory (format and version known)."""
     directory = Path(directory)
