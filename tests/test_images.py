@@ -1,8 +1,9 @@
 import io
+import struct
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from patchcore.errors import ImageLoadError
 from patchcore.engine.geometry import InputTransform
@@ -27,6 +28,63 @@ def test_reads_16_bit_grayscale_rgba_and_palette(tmp_path):
     assert np.asarray(read_image(tmp_path / "alpha.png"))[0, 0].tolist() == [200, 0, 0]
     assert np.asarray(read_image(tmp_path / "gray.png"))[0, 0].tolist() == [77, 77, 77]
     assert np.asarray(read_image(tmp_path / "palette.png"))[0, 0].tolist() == [120, 120, 120]
+
+
+def _png_with_sbit(path, values: np.ndarray, significant: int) -> None:
+    """A 16-bit grayscale PNG whose sBIT chunk says ``significant`` bits of each sample are real."""
+    info = PngImagePlugin.PngInfo()
+    info.add(b"sBIT", bytes([significant]))
+    Image.fromarray(values.astype(np.uint16)).save(path, pnginfo=info)
+
+
+def _tiff_12_bit(values: np.ndarray) -> bytes:
+    """An uncompressed grayscale TIFF with BitsPerSample 12 (two samples packed in three bytes)."""
+    height, width = values.shape
+    pairs = values.astype(np.uint16).reshape(-1, 2)
+    packed = np.stack([pairs[:, 0] >> 4, (pairs[:, 0] & 0xF) << 4 | pairs[:, 1] >> 8, pairs[:, 1] & 0xFF], axis=1)
+    data = packed.astype(np.uint8).tobytes()
+    # width, height, BitsPerSample, no compression, min-is-black, strip offset, 1 sample, rows per strip, strip bytes
+    tags = [(256, width), (257, height), (258, 12), (259, 1), (262, 1), (273, None), (277, 1), (278, height), (279, len(data))]
+    start = 8 + 2 + 12 * len(tags) + 4
+    ifd = b"".join(struct.pack("<HHII", tag, 4, 1, start if value is None else value) for tag, value in tags)
+    return b"II*\x00" + struct.pack("<IH", 8, len(tags)) + ifd + b"\x00" * 4 + data
+
+
+def test_a_dark_16_bit_photo_stays_dark(tmp_path):
+    dark = (np.arange(64 * 64).reshape(64, 64) % 201).astype(np.uint16)  # 0..200 of 65535: nearly black
+    Image.fromarray(dark).save(tmp_path / "dark.png")
+    Image.fromarray(dark).save(tmp_path / "dark.tif")
+    for path in (tmp_path / "dark.png", tmp_path / "dark.tif"):
+        for source in (path, path.read_bytes(), Image.open(path), Image.open(path).convert("I")):
+            assert np.asarray(read_image(source)).max() == 1, (path, type(source))  # 200 * 255 / 65535 = 0.78
+    # Arrays: uint16 and int32 (how Pillow hands out 16-bit images) are 16-bit data whatever they hold.
+    assert np.asarray(read_image(dark)).max() == 1
+    assert np.asarray(read_image(dark.astype(np.int32))).max() == 1
+
+
+def test_12_bit_data_in_16_bit_files_uses_the_declared_depth(tmp_path):
+    ramp = (np.arange(64 * 64).reshape(64, 64) % 4096).astype(np.uint16)  # 0..4095
+    _png_with_sbit(tmp_path / "camera.png", ramp, 12)
+    for source in (tmp_path / "camera.png", (tmp_path / "camera.png").read_bytes(), Image.open(tmp_path / "camera.png")):
+        pixels = np.asarray(read_image(source))[..., 0]
+        assert pixels.max() == 255 and pixels[0, 0] == 0  # 4095 is white, not 4095 / 65535 (16)
+        np.testing.assert_array_equal(pixels, np.rint(ramp * (255 / 4095)).astype(np.uint8))
+    # The PNG standard's way: 12 significant bits scaled up to 16 (v << 4). Such samples exceed
+    # 4095, so the header's 16 bits apply and the photo is not blown out to white.
+    _png_with_sbit(tmp_path / "standard.png", ramp << 4, 12)
+    pixels = np.asarray(read_image(tmp_path / "standard.png"))[..., 0]
+    np.testing.assert_array_equal(pixels, np.rint((ramp << 4) * (255 / 65535)).astype(np.uint8))
+    # A TIFF that declares 12 bits per sample.
+    pixels = np.asarray(read_image(_tiff_12_bit(ramp)))[..., 0]
+    np.testing.assert_array_equal(pixels, np.rint(ramp * (255 / 4095)).astype(np.uint8))
+    # Without a declaration the file's 16 bits apply (no guess from the content).
+    Image.fromarray(ramp).save(tmp_path / "plain.tif")
+    assert np.asarray(read_image(tmp_path / "plain.tif")).max() == 16
+
+
+def test_arrays_of_no_known_bit_depth_are_refused():
+    with pytest.raises(ImageLoadError, match=r"<image 2>: image array of type int64 has no known bit depth: convert it to uint8"):
+        read_image(np.zeros((4, 4), np.int64), position=2)
 
 
 def test_reads_arrays_of_every_layout():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import itertools
 import os
+import struct
 import warnings
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -87,15 +88,40 @@ def unique_names(stems: list[str]) -> list[str]:
     return names
 
 
-def _to_uint8(array: np.ndarray) -> np.ndarray:
-    """Scale integer data of more than 8 bits, or floats in [0, 1], to 8 bits."""
+def integer_peak(dtype: np.dtype, bits: int | None = None) -> int:
+    """The integer value that means white: ``2**bits - 1`` when the image's file declares its bit
+    depth (:func:`declared_bits`), else a rule by pixel type, never by content (a dark 16-bit
+    photo holds only small values, yet is no 8-bit photo):
+
+    * 8-bit types (``uint8``, ``int8``): 255;
+    * ``uint16`` and ``int16``: 65535;
+    * ``int32``: 65535 too, since that is how Pillow hands out 16-bit images (mode ``"I"``);
+    * wider types (``uint32``, ``int64``, ...) say nothing about their range (NumPy's default
+      ``int64`` holds 8-bit photos as often as anything else), so they are refused with a
+      ``ValueError`` that asks for ``uint8`` or ``uint16``.
+
+    12-bit data in 16-bit arrays therefore needs its file's declaration, or scaling by the caller.
+    """
+    dtype = np.dtype(dtype)
+    if bits is not None:
+        return 2**bits - 1
+    if dtype.itemsize == 1:
+        return 255
+    if dtype.itemsize == 2 or dtype == np.int32:
+        return 65535
+    raise ValueError(f"image array of type {dtype} has no known bit depth: convert it to uint8 (0-255) "
+                     "or uint16 (0-65535)")
+
+
+def _to_uint8(array: np.ndarray, bits: int | None = None) -> np.ndarray:
+    """8-bit pixels from integers of ``bits`` bits (None: by type, see :func:`integer_peak`) or
+    from floats (in [0, 1], else taken as 0-255)."""
     if array.dtype == np.uint8:
         return array
     if array.dtype == np.bool_:
         return array.astype(np.uint8) * 255
     if np.issubdtype(array.dtype, np.integer):
-        # 16-bit data (also when PIL hands it out as 32-bit 'I' mode) -> top 8 bits.
-        peak = 65535 if array.max(initial=0) > 255 or array.dtype == np.uint16 else 255
+        peak = integer_peak(array.dtype, bits)
         return np.clip(np.rint(array.astype(np.float64) * (255.0 / peak)), 0, 255).astype(np.uint8)
     if np.issubdtype(array.dtype, np.floating):
         if not np.isfinite(array).all():
@@ -105,14 +131,15 @@ def _to_uint8(array: np.ndarray) -> np.ndarray:
     raise ValueError(f"unsupported pixel type {array.dtype}")
 
 
-def array_to_rgb(array: np.ndarray) -> Image.Image:
-    """An RGB image from an HxW, HxWx1, HxWx3 or HxWx4 array (alpha is dropped)."""
+def array_to_rgb(array: np.ndarray, bits: int | None = None) -> Image.Image:
+    """An RGB image from an HxW, HxWx1, HxWx3 or HxWx4 array (alpha is dropped); integer samples
+    of ``bits`` bits (None: by type, see :func:`integer_peak`)."""
     if array.ndim == 3 and array.shape[2] == 1:
         array = array[:, :, 0]
     if array.ndim == 2:
-        array = np.repeat(_to_uint8(array)[:, :, None], 3, axis=2)
+        array = np.repeat(_to_uint8(array, bits)[:, :, None], 3, axis=2)
     elif array.ndim == 3 and array.shape[2] in (3, 4):
-        array = _to_uint8(array[:, :, :3])
+        array = _to_uint8(array[:, :, :3], bits)
     else:
         raise ValueError(f"array of shape {array.shape} is not an image (HxW, HxWx1, HxWx3 or HxWx4)")
     if min(array.shape[:2]) < 1:
@@ -120,15 +147,85 @@ def array_to_rgb(array: np.ndarray) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(array), mode="RGB")
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
-    """RGB version of a PIL image of any mode: 16-bit, float, grayscale, palette, RGBA, CMYK."""
+def _wide_integers(mode: str) -> bool:
+    """Whether Pillow mode ``mode`` holds integer samples wider than 8 bits (``I``, ``I;16``, ...)."""
+    return mode == "I" or mode.startswith("I;")
+
+
+def to_rgb(image: Image.Image, bits: int | None = None) -> Image.Image:
+    """RGB version of a PIL image of any mode: 16-bit, float, grayscale, palette, RGBA, CMYK.
+
+    ``bits``: the bit depth the image's file declares for its 16/32-bit integer samples
+    (:func:`declared_bits`); None decides by pixel type (:func:`integer_peak`).
+    """
     if image.mode == "RGB":
         return image
-    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-        return array_to_rgb(np.asarray(image))
+    if _wide_integers(image.mode) or image.mode == "F":
+        return array_to_rgb(np.asarray(image), bits if _wide_integers(image.mode) else None)
     if image.mode in ("LA", "PA", "P", "RGBa", "La"):
         image = image.convert("RGBA")  # via RGBA so that palette and alpha modes convert cleanly
     return image.convert("RGB")
+
+
+#: TIFF tag BitsPerSample.
+_BITS_PER_SAMPLE = 258
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def declared_bits(image: Image.Image, file: str | os.PathLike | bytes | bytearray | memoryview | None = None) -> int | None:
+    """The bits per sample that the file of a loaded 16/32-bit integer ``image`` declares; None for
+    other images, or when the file declares nothing (then the pixel type decides).
+
+    TIFF: BitsPerSample (12 for 12-bit data, which Pillow unpacks to 0-4095). PNG (read from
+    ``file``, its path or bytes, since Pillow keeps no sBIT): the sBIT chunk's significant bits
+    when every sample fits in them (12-bit data stored as 0-4095 in 16-bit samples, as cameras
+    write it), else the header's bit depth (samples scaled up to it, the PNG standard's way).
+    """
+    if not _wide_integers(image.mode):
+        return None
+    if image.format == "TIFF":
+        bits = getattr(image, "tag_v2", {}).get(_BITS_PER_SAMPLE)
+        bits = max(bits) if isinstance(bits, tuple) and bits else bits
+        return int(bits) if isinstance(bits, int) and 1 <= bits <= 32 else None
+    if image.format == "PNG" and file:
+        try:
+            depths = _png_bit_depths(file)
+        except OSError:  # the file of a PIL image handed to us may be gone since; its type decides
+            return None
+        if depths is None:
+            return None
+        depth, significant = depths
+        if significant is not None and image.getextrema()[1] <= 2**significant - 1:
+            return significant
+        return depth
+    return None
+
+
+def _png_bit_depths(file: str | os.PathLike | bytes | bytearray | memoryview) -> tuple[int, int | None] | None:
+    """(bit depth, sBIT significant bits or None) from a PNG's header chunks; None if not a PNG.
+
+    Only the chunks before the image data are read: sBIT must precede PLTE and IDAT.
+    """
+    with (open(file, "rb") if isinstance(file, (str, os.PathLike)) else io.BytesIO(file)) as data:
+        if data.read(8) != _PNG_SIGNATURE:
+            return None
+        depth = colour = None
+        while len(head := data.read(8)) == 8:
+            length, kind = struct.unpack(">I4s", head)
+            if kind in (b"PLTE", b"IDAT", b"IEND"):
+                break
+            if kind not in (b"IHDR", b"sBIT"):
+                data.seek(length + 4, io.SEEK_CUR)  # the chunk and its CRC
+                continue
+            body = data.read(length)
+            data.seek(4, io.SEEK_CUR)
+            if kind == b"IHDR" and len(body) >= 10:
+                depth, colour = body[8], body[9]
+            elif kind == b"sBIT" and depth:
+                channels = body[:3] if colour & 2 else body[:1]  # colour types 2 and 6: R, G, B
+                if channels and all(1 <= bits <= depth for bits in channels):
+                    return depth, max(channels)
+        return (depth, None) if depth else None
 
 
 def read_image(
@@ -153,11 +250,14 @@ def read_image(
     in ``image.info["original_size"]``.
     """
     name = name or source_name(source, position)
+    if isinstance(source, (np.ndarray, Image.Image)):
+        try:
+            if isinstance(source, np.ndarray):
+                return array_to_rgb(source)
+            return to_rgb(source, declared_bits(source, getattr(source, "filename", None)))
+        except ValueError as exc:  # an image of no usable shape or type: say which and why
+            raise ImageLoadError(name, str(exc)) from None
     try:
-        if isinstance(source, np.ndarray):
-            return array_to_rgb(source)
-        if isinstance(source, Image.Image):
-            return to_rgb(source)
         if isinstance(source, (bytes, bytearray, memoryview)):
             if not len(source):
                 raise ImageLoadError(name, "empty image data (zero bytes)")
@@ -178,7 +278,9 @@ def read_image(
                     opened.draft("RGB", (height, width) if turned else (width, height))
                 opened.load()
                 _check_pixels(name, opened.width, opened.height, max_pixels)  # some formats settle their size on load
-                image = to_rgb(ImageOps.exif_transpose(opened))
+                # The bit depth comes from the file (turning the photo drops its TIFF tags).
+                bits = declared_bits(opened, source)
+                image = to_rgb(ImageOps.exif_transpose(opened), bits)
                 image.load()
                 if image is opened:
                     image = image.copy()
