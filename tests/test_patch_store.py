@@ -69,3 +69,90 @@ def test_an_interrupted_fit_leaves_no_temporary_files(tmp_path, stop):
     left = [os.path.join(folder, name) for folder, _, names in os.walk(tmp_path) for name in names]
     assert not [path for path in left if "patchcore" in path]
     assert sum(os.path.getsize(path) for path in left) < 2**20  # the store held megabytes
+
+
+def _rows_as_stored(grids: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate([g.reshape(-1, g.shape[-1]) for g in grids]).astype(np.float16).astype(np.float32)
+
+
+def test_without_pread_the_store_reads_by_seek_and_read(tmp_path, monkeypatch):
+    """Windows has no os.pread: the store then seeks and reads under its lock, with the same results."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(1)
+    grids = [rng.standard_normal((3, 4, 6)).astype(np.float32) for _ in range(5)]
+    monkeypatch.delattr(os, "pread")
+    with PatchStore(6, directory=tmp_path) as store:
+        for i, grid in enumerate(grids):
+            store.append_image(f"{i}.png", grid)
+        every = _rows_as_stored(grids)
+        np.testing.assert_array_equal(store.read(0, len(store)), every)
+        np.testing.assert_array_equal(store.read(7, 30), every[7:30])
+        orders = [rng.permutation(len(store)) for _ in range(16)]
+        with ThreadPoolExecutor(4) as pool:  # readers at once share one file position: the lock keeps them apart
+            for rows, got in zip(orders, pool.map(store.take, orders)):
+                np.testing.assert_array_equal(got, every[rows])
+
+
+def _ram_backed_directory() -> str | None:
+    from patchcore.engine.scratch import is_ram_backed
+
+    for candidate in ("/dev/shm", f"/run/user/{os.getuid()}", "/tmp"):
+        if os.path.isdir(candidate) and os.access(candidate, os.W_OK) and is_ram_backed(candidate):
+            return candidate
+    return None
+
+
+def test_a_store_on_a_ram_backed_directory_warns_once(tmp_path):
+    import tempfile
+    import warnings
+
+    from patchcore.engine.scratch import RamBackedScratchWarning
+
+    ram = _ram_backed_directory()
+    if ram is None:
+        pytest.skip("this machine has no writable tmpfs")
+    folder = tempfile.mkdtemp(dir=ram, prefix="patchcore-test-")  # new to this process: not warned about yet
+    try:
+        with pytest.warns(RamBackedScratchWarning) as caught:
+            PatchStore(4, directory=folder).close()
+        message = str(caught[0].message)
+        assert folder in message and "GiB of RAM" in message
+        assert "--scratch-dir" in message and "scratch_dir=" in message
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RamBackedScratchWarning)
+            PatchStore(4, directory=folder).close()  # once is enough
+    finally:
+        os.rmdir(folder)
+
+
+def test_a_store_on_disk_does_not_warn(tmp_path):
+    import warnings
+
+    from patchcore.engine.scratch import RamBackedScratchWarning, file_system_type, is_ram_backed
+
+    if is_ram_backed(tmp_path):
+        pytest.skip(f"the test's temporary directory is on {file_system_type(tmp_path)} here")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RamBackedScratchWarning)
+        PatchStore(4, directory=tmp_path).close()
+
+
+def test_the_mount_table_decides_by_the_longest_mount_point(tmp_path, monkeypatch):
+    from patchcore.engine import scratch
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("mount tables are read on Linux only")
+    table = tmp_path / "mountinfo"
+    table.write_text(
+        "27 1 254:0 / / rw,relatime - ext4 /dev/vda rw\n"
+        "30 27 0:27 / /scratch\\040space rw,relatime shared:5 - tmpfs tmpfs rw,size=1024k\n"
+        "31 30 254:1 / /scratch\\040space/disk rw,relatime - xfs /dev/vdb rw\n"
+        "32 27 0:28 / /mnt rw - tmpfs tmpfs rw\n"
+        "33 27 254:2 / /mnt rw - ext4 /dev/vdc rw\n"  # mounted over the tmpfs: hides it
+    )
+    monkeypatch.setattr(scratch, "MOUNTINFO", table)
+    assert scratch.file_system_type("/scratch space/a") == "tmpfs" and scratch.is_ram_backed("/scratch space")
+    assert scratch.file_system_type("/scratch space/disk/a") == "xfs"
+    assert scratch.file_system_type("/scratch spaced") == "ext4"  # a longer name is not inside
+    assert not scratch.is_ram_backed("/mnt/a")

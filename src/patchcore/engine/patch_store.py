@@ -12,20 +12,30 @@ from __future__ import annotations
 
 import os
 import tempfile
+import threading
 
 import numpy as np
+
+from .scratch import warn_if_ram_backed
 
 #: Rows read back at a time when gathering scattered rows.
 READ_CHUNK = 65536
 
 
 class PatchStore:
-    """An append-only matrix of patch features (float16 on disk) with their origins."""
+    """An append-only matrix of patch features (float16 on disk) with their origins.
+
+    ``directory``: where the file goes (``None``: the temporary directory, ``TMPDIR``). A
+    RAM-backed one (a tmpfs such as ``/dev/shm``, or ``/tmp`` on many systems) is warned about
+    once (:class:`~patchcore.engine.scratch.RamBackedScratchWarning`): the store would take memory.
+    """
 
     def __init__(self, width: int, directory: str | os.PathLike | None = None, dtype=np.float16) -> None:
         self.width = width
         self.dtype = np.dtype(dtype)
+        warn_if_ram_backed(directory, "the training patches kept while fitting", stacklevel=2)
         self._file = tempfile.TemporaryFile(dir=directory, prefix="patchcore-patches-")
+        self._lock = threading.Lock()  # the file position, where os.pread is missing (Windows)
         self._rows = 0
         self._starts: list[int] = []  # first row of each image
         self._columns: list[int] = []  # grid columns of each image
@@ -52,8 +62,10 @@ class PatchStore:
         rows, cols, width = grid.shape
         if width != self.width:
             raise ValueError(f"patch features are {width} wide, the store holds {self.width}")
-        self._file.seek(self._rows * self.width * self.dtype.itemsize)
-        self._file.write(np.ascontiguousarray(grid.reshape(-1, width), dtype=self.dtype).tobytes())
+        data = np.ascontiguousarray(grid.reshape(-1, width), dtype=self.dtype).tobytes()
+        with self._lock:
+            self._file.seek(self._rows * self.width * self.dtype.itemsize)
+            self._file.write(data)
         self._starts.append(self._rows)
         self._columns.append(cols)
         self.image_names.append(name)
@@ -64,10 +76,19 @@ class PatchStore:
         start, stop = max(0, start), min(stop, self._rows)
         if stop <= start:
             return np.empty((0, self.width), np.float32)
-        self._file.flush()
         size = self.dtype.itemsize
-        data = os.pread(self._file.fileno(), (stop - start) * self.width * size, start * self.width * size)
+        data = self._read_bytes(start * self.width * size, (stop - start) * self.width * size)
         return np.frombuffer(data, dtype=self.dtype).reshape(stop - start, self.width).astype(np.float32)
+
+    def _read_bytes(self, offset: int, length: int) -> bytes:
+        """``length`` bytes from ``offset``: by ``os.pread`` (no shared file position, so threads
+        may read at once), or, where it is missing (Windows), by seek and read under the lock."""
+        with self._lock:
+            self._file.flush()
+            if not hasattr(os, "pread"):
+                self._file.seek(offset)
+                return self._file.read(length)
+        return _pread_fully(self._file.fileno(), offset, length)
 
     def take(self, rows: np.ndarray) -> np.ndarray:
         """The given rows (any order) as float32, read in one pass over the file."""
@@ -88,6 +109,19 @@ class PatchStore:
         image = np.searchsorted(starts, rows, side="right") - 1
         row, column = np.divmod(rows - starts[image], np.asarray(self._columns, dtype=np.int64)[image])
         return np.column_stack([image, row, column]).astype(np.int32)
+
+
+def _pread_fully(descriptor: int, offset: int, length: int) -> bytes:
+    """``length`` bytes at ``offset`` by as many ``os.pread`` calls as it takes (one call returns
+    at most about 2 GiB on Linux)."""
+    parts, done = [], 0
+    while done < length:
+        part = os.pread(descriptor, length - done, offset + done)
+        if not part:
+            raise OSError(f"patch store: the file ended after {offset + done} bytes, {length - done} short")
+        parts.append(part)
+        done += len(part)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 class ArrayRows:
