@@ -10,7 +10,7 @@ line up cell for cell.
 from __future__ import annotations
 
 import time
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -70,15 +70,17 @@ class PatchCoreEnsemble:
 
     def iter_predict(self, images: ImageSource | Iterable[ImageSource], maps: bool = True,
                      on_error: ErrorHandler | None = None, keep_images: bool = False, chunk: int = 8) -> Iterator[Prediction]:
-        """Each photo is decoded once and scored by every member."""
+        """Each photo is decoded once, as at fit (a JPEG at the DCT scale the network needs), and
+        scored by every member."""
         if not hasattr(self, "members_"):
             raise NotFittedError("this ensemble is not fitted yet: call fit(good_images) first")
         sources = expand_sources(images)
+        needed_size = _needed_size(self.members_)
         for start in range(0, len(sources), chunk):
             decoded, names = [], []
             for position, source in enumerate(sources[start : start + chunk], start):
                 try:
-                    image = read_image(source, position)
+                    image = read_image(source, position, needed_size=needed_size)
                 except ImageLoadError as error:
                     if on_error is None:
                         raise
@@ -100,3 +102,17 @@ class PatchCoreEnsemble:
                 timings["map"] = time.perf_counter() - t0
                 yield Prediction(name, score, pixel_map, grid.astype(np.float32), timings, placement=placement,
                                  image=decoded[i] if keep_images else None)
+
+
+def _needed_size(members: Sequence[PatchCore]) -> Callable[[int, int], tuple[int, int]] | None:
+    """The (width, height) a photo must have for every member's input transform: what each
+    member's own ``predict`` decodes a JPEG to (the largest, should their settings differ)."""
+    sizes = [m.transform_.needed_size for m in members if hasattr(m.transform_, "needed_size")]
+    if not sizes:
+        return None
+
+    def needed(width: int, height: int) -> tuple[int, int]:
+        wanted = [size(width, height) for size in sizes]
+        return max(w for w, _ in wanted), max(h for _, h in wanted)
+
+    return needed
