@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 from patchcore.cli.main import build_parser, main
+from patchcore.engine.persistence import model_sha256
 
 
 def test_help_is_complete(capsys):
@@ -32,8 +33,15 @@ def test_fit_then_predict_writes_scores_and_overlays(tmp_path, product_images, c
     assert "64 per image" in captured.out  # fit: a 64x64 input at stride 8 is an 8x8 grid of patches
     assert f"{len(inputs)} images in" in captured.out and "ms per image" in captured.out  # predict's timing
     with open(tmp_path / "out" / "scores.csv") as handle:
-        rows = list(csv.DictReader(handle))
+        reader = csv.DictReader(handle)
+        rows = list(reader)
+    assert reader.fieldnames == ["path", "score", "is_anomalous", "error", "model_sha256"]  # as with --ray
+    assert {r["model_sha256"] for r in rows} == {model_sha256(tmp_path / "model")}
+    failed = [r for r in rows if r["error"]]
+    assert [(r["path"], r["score"]) for r in failed] == [(str(broken), "")]  # ... has a row saying why ...
+    rows = [r for r in rows if not r["error"]]
     assert [r["path"] for r in rows] == inputs  # ... and every other image is scored
+    assert {r["is_anomalous"] for r in rows} == {""}  # no threshold
     scores = {r["path"]: float(r["score"]) for r in rows}
     assert min(scores[p] for p in inputs[4:]) > max(scores[p] for p in inputs[:4])
     overlay = Image.open(tmp_path / "out" / "overlays" / "bad_0.png.png")
@@ -156,3 +164,21 @@ def test_overlays_are_written_fast_at_a_low_png_compression_level(tmp_path):
     smooth.save(tmp_path / "smooth-default.png")
     # Level 1 trades bytes for time: on compressible pictures it writes more than the default.
     assert (tmp_path / "smooth-fast.png").stat().st_size > (tmp_path / "smooth-default.png").stat().st_size
+
+
+def test_predict_with_ray_refuses_to_add_to_another_models_scores(tmp_path, fitted_model, product_images, capsys):
+    from conftest import small_model_settings
+    from patchcore import PatchCore
+
+    fitted_model.save(tmp_path / "first")
+    PatchCore(**small_model_settings()).fit(product_images["good"]).save(tmp_path / "second")
+    image = str(product_images["defective"][0])
+    assert main(["predict", str(tmp_path / "first"), image, "-o", str(tmp_path / "out"), "--no-overlays"]) == 0
+    before = (tmp_path / "out" / "scores.csv").read_text()
+    capsys.readouterr()
+    # Refused before Ray starts: the file holds the first model's scores.
+    assert main(["predict", str(tmp_path / "second"), image, "-o", str(tmp_path / "out"), "--ray"]) == 2
+    message = capsys.readouterr().err
+    assert str(tmp_path / "out" / "scores.csv") in message and "another output folder" in message
+    assert model_sha256(tmp_path / "first") in message and model_sha256(tmp_path / "second") in message
+    assert (tmp_path / "out" / "scores.csv").read_text() == before

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import sys
 import time
@@ -16,7 +15,10 @@ from PIL import Image
 from ..engine.evidence import evidence_picture
 from ..engine.loading import load_model
 from ..engine.overlay import model_heat_scale, overlay_beside_photo, save_png
+from ..engine.persistence import model_sha256
 from ..engine.prediction import Prediction
+from ..engine.scores_file import ScoresFile
+from ..errors import ImageLoadError
 from .options import SkippedImages, add_runtime_options, positive_int, use_device
 
 
@@ -26,7 +28,8 @@ def add_parser(commands) -> None:
                                              "and, when the model has a pixel threshold, defect masks.")
     parser.add_argument("model", metavar="MODEL_DIR", help="folder written by 'patchcore fit' or 'patchcore export'")
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders")
-    parser.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="folder for scores.csv and overlays/")
+    parser.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="folder for scores.csv and overlays/; scores.csv is started afresh "
+                             "(with --ray: continued)")
     parser.add_argument("--no-overlays", action="store_true", help="write scores (and masks) only")
     parser.add_argument("--batch-size", type=positive_int, default=None, help="images per forward pass (default: as fitted)")
     parser.add_argument("--evidence", type=int, default=0, metavar="N",
@@ -36,7 +39,8 @@ def add_parser(commands) -> None:
     fleet = parser.add_argument_group("Ray (many images on many workers)")
     fleet.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
                        help="score on Ray: a local Ray, or the cluster at ADDRESS ('auto': the one this machine is in); "
-                            "results are appended to OUT/scores.csv as they finish and a rerun skips what is there")
+                            "results are appended to OUT/scores.csv as they finish; a rerun skips the images scored there and "
+                            "scores the failed ones again (the file must hold this model's scores)")
     fleet.add_argument("--workers", type=positive_int, default=2, help="with --ray: actors, each loading the model once (default: 2)")
     fleet.add_argument("--cpus-per-worker", type=positive_int, default=1, help="with --ray: cores per actor (default: 1)")
     parser.set_defaults(handler=run)
@@ -59,10 +63,10 @@ class OutputNames:
         return name + ".png"
 
 
-def write_predictions(model, predictions: Iterable[Prediction], output: Path, overlays: bool = True,
+def write_predictions(model, predictions: Iterable[Prediction], output: Path, scores: ScoresFile, overlays: bool = True,
                       evidence: bool = False) -> list[Prediction]:
-    """Write each prediction as it arrives: a line of ``scores.csv`` (path, score[, is_anomalous]),
-    its heat-map overlay, and with a pixel threshold its binary defect mask.
+    """Write each prediction as it arrives: a row of ``scores``, its heat-map overlay, and with a
+    pixel threshold its binary defect mask.
 
     Overlays share the model's fixed colour scale (:func:`~patchcore.engine.overlay.heat_scale`), so
     colours compare across images and runs; each photo is decoded once, for scoring and drawing. With ``evidence``, each
@@ -71,7 +75,6 @@ def write_predictions(model, predictions: Iterable[Prediction], output: Path, ov
     keeps every line written so far. Returns the predictions (without their maps and photos).
     """
     output.mkdir(parents=True, exist_ok=True)
-    decided = getattr(model, "threshold_", None) is not None
     pixel_threshold = getattr(model, "pixel_threshold_", None)
     low, high = model_heat_scale(model)
     if overlays:
@@ -83,34 +86,30 @@ def write_predictions(model, predictions: Iterable[Prediction], output: Path, ov
     found: dict[str, list[dict]] = {}
     done: list[Prediction] = []
     try:
-        _write_rows(model, predictions, output, overlays, evidence, decided, low, high, found, done)
+        _write_rows(predictions, output, scores, overlays, evidence, low, high, found, done)
     finally:  # also when interrupted: the evidence of every image written so far
         if evidence:
             (output / "evidence.json").write_text(json.dumps(found, indent=2) + "\n")
     return done
 
 
-def _write_rows(model, predictions, output, overlays, evidence, decided, low, high, found, done) -> None:
+def _write_rows(predictions, output, scores, overlays, evidence, low, high, found, done) -> None:
     names = OutputNames()
-    with open(output / "scores.csv", "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["path", "score"] + (["is_anomalous"] if decided else []))
-        for position, prediction in enumerate(predictions):
-            writer.writerow([prediction.name, f"{prediction.score:.6f}"] + ([int(bool(prediction.is_anomalous))] if decided else []))
-            handle.flush()
-            name = names(prediction.name, position)
-            if overlays:
-                save_png(overlay_beside_photo(prediction.image, prediction.anomaly_map, low, high), output / "overlays" / name)
-            if prediction.mask is not None:
-                Image.fromarray(prediction.mask.astype(np.uint8) * 255).save(output / "masks" / name)
-            if evidence:
-                found[prediction.name] = []
-                for k, item in enumerate(prediction.evidence, 1):
-                    picture = f"{name[:-4]}-{k}.png"
-                    save_png(evidence_picture(prediction.image, item), output / "evidence" / picture)
-                    found[prediction.name].append({**item.to_dict(), "picture": f"evidence/{picture}"})
-            prediction.anomaly_map = prediction.mask = prediction.image = None
-            done.append(prediction)
+    for position, prediction in enumerate(predictions):
+        scores.add(prediction.name, prediction.score, prediction.is_anomalous)
+        name = names(prediction.name, position)
+        if overlays:
+            save_png(overlay_beside_photo(prediction.image, prediction.anomaly_map, low, high), output / "overlays" / name)
+        if prediction.mask is not None:
+            Image.fromarray(prediction.mask.astype(np.uint8) * 255).save(output / "masks" / name)
+        if evidence:
+            found[prediction.name] = []
+            for k, item in enumerate(prediction.evidence, 1):
+                picture = f"{name[:-4]}-{k}.png"
+                save_png(evidence_picture(prediction.image, item), output / "evidence" / picture)
+                found[prediction.name].append({**item.to_dict(), "picture": f"evidence/{picture}"})
+        prediction.anomaly_map = prediction.mask = prediction.image = None
+        done.append(prediction)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -126,11 +125,18 @@ def run(args: argparse.Namespace) -> int:
     if args.evidence and getattr(model, "memory_bank_origin_", None) is None:
         raise ValueError(f"{args.model}: the model does not record where its memory bank came from (saved by an older "
                          "patchcore); fit it again for --evidence")
+    output = Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    stream = model.iter_predict(args.inputs, maps=want_maps, on_error=skipped,
-                                keep_images=not args.no_overlays or args.evidence > 0, evidence=args.evidence)
-    predictions = write_predictions(model, stream, Path(args.output), overlays=not args.no_overlays,
-                                    evidence=args.evidence > 0)
+    with ScoresFile.start(output / "scores.csv", model_sha256(args.model)) as scores:
+        def unreadable(error: ImageLoadError) -> None:
+            skipped(error)  # a warning now, and a row with the reason
+            scores.add_failure(error.source, error.problem)
+
+        stream = model.iter_predict(args.inputs, maps=want_maps, on_error=unreadable,
+                                    keep_images=not args.no_overlays or args.evidence > 0, evidence=args.evidence)
+        predictions = write_predictions(model, stream, output, scores, overlays=not args.no_overlays,
+                                        evidence=args.evidence > 0)
     for prediction in predictions:
         verdict = "" if prediction.is_anomalous is None else ("  ANOMALOUS" if prediction.is_anomalous else "  ok")
         print(f"{prediction.score:10.4f}{verdict}  {prediction.name}")
