@@ -33,7 +33,7 @@ def test_refit_forgets_everything_learned_before(product_images):
     assert model.threshold_ is not None and model.pixel_threshold_ is not None
     model.fit(product_images["train"][:6])
     for name in ("threshold_", "pixel_threshold_", "threshold_source_"):
-        assert not hasattr(model, name), name
+        assert getattr(model, name) is None, name
     assert model.n_training_images_ == 6
     prediction = model.predict(product_images["defective"][0])[0]
     assert prediction.is_anomalous is None and prediction.mask is None

@@ -98,15 +98,22 @@ def test_save_load_gives_bit_identical_scores(tmp_path, product_images, fitted_m
     assert all(np.array_equal(a.anomaly_map, b.anomaly_map) for a, b in zip(before, after))
     assert loaded.get_params() == {**fitted_model.get_params(), "progress": False}
     files = sorted(os.listdir(tmp_path / "model"))
-    assert files[-1] == "patchcore.json" and all(f.endswith((".safetensors", ".json")) for f in files)
+    assert [f for f in files if not f.endswith(".safetensors")] == [".lock", "history.jsonl", "patchcore.json", "versions"]
+    assert os.listdir(tmp_path / "model" / "versions") == ["000001.json"]
 
 
-def test_saving_again_replaces_the_model_and_leaves_no_stale_files(tmp_path, product_images, fitted_model):
+def test_saving_again_makes_a_new_version_and_removes_only_files_no_kept_version_needs(tmp_path, product_images,
+                                                                                       fitted_model):
     fitted_model.save(tmp_path / "model")
     other = PatchCore(**small_model_settings(coreset_ratio=0.1)).fit(product_images["train"][:4])
     other.save(tmp_path / "model")
     assert PatchCore.load(tmp_path / "model").memory_bank_.shape == other.memory_bank_.shape
+    # Two memory banks (version 1 stays restorable) and one backbone file (the same weights: one name).
+    assert len(list((tmp_path / "model").glob("memory_bank-*.safetensors"))) == 2
+    assert len(list((tmp_path / "model").glob("backbone-*.safetensors"))) == 1
+    other.save(tmp_path / "model", keep_versions=1)  # keep only the current version: the others' files go
     assert len(list((tmp_path / "model").glob("*.safetensors"))) == 2
+    assert os.listdir(tmp_path / "model" / "versions") == ["000003.json"]
 
 
 def test_a_crash_while_saving_keeps_the_previous_model(tmp_path, product_images, fitted_model, monkeypatch):
@@ -146,8 +153,8 @@ def test_altered_or_unknown_model_files_are_refused(tmp_path, fitted_model):
     with pytest.raises(ModelFormatError, match="not found"):
         PatchCore.load(tmp_path / "absent")
     # Nothing in a model directory is a pickle: tensors are safetensors, the rest JSON.
-    for path in (tmp_path / "model2").iterdir():
-        assert not path.read_bytes().startswith(b"\x80")
+    for path in (tmp_path / "model2").rglob("*"):
+        assert path.is_dir() or not path.read_bytes().startswith(b"\x80")
 
 
 def test_bad_training_image_names_the_file_or_is_skipped(tmp_path, product_images):
@@ -162,15 +169,15 @@ def test_bad_training_image_names_the_file_or_is_skipped(tmp_path, product_image
 
 
 def test_faiss_backend_gives_the_same_scores(product_images, fitted_model):
-    torch_scores = [p.score for p in fitted_model.predict(product_images["defective"], maps=False)]
+    numpy_scores = [p.score for p in fitted_model.predict(product_images["defective"], maps=False)]
     fitted_model.search_backend = "faiss"
     fitted_model._set_memory_bank(fitted_model.memory_bank_)
     try:
         faiss_scores = [p.score for p in fitted_model.predict(product_images["defective"], maps=False)]
     finally:
-        fitted_model.search_backend = "torch"
+        fitted_model.search_backend = "numpy"
         fitted_model._set_memory_bank(fitted_model.memory_bank_)
-    assert np.allclose(torch_scores, faiss_scores, rtol=1e-4)
+    assert np.allclose(numpy_scores, faiss_scores, rtol=1e-4)
 
 
 def test_threshold_from_good_images_is_saved_and_drives_decisions(tmp_path, product_images):

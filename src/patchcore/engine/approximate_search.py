@@ -1,8 +1,9 @@
 """Approximate nearest-neighbour search in the memory bank (paper, section 4.4.2: faiss IVF-PQ).
 
-:class:`ApproximateIndex` has the interface of :class:`patchcore.search.MemoryBankIndex`
+:class:`ApproximateIndex` has the interface of :class:`patchcore.engine.search.MemoryBankIndex`
 (``.search(queries, k)`` -> (L2 distances, indices), ``.size``, ``.memory_bank``) so that it can
-replace the exact index in a fitted model (see ``patchcore.experiments.ExperimentPatchCore``).
+replace the exact index in a fitted model (``search_backend="hnsw"`` or ``"ivfpq"``, and
+``"auto"`` above :data:`patchcore.engine.detector.AUTO_EXACT_LIMIT` bank vectors).
 
 Kinds:
 

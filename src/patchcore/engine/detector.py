@@ -2,7 +2,9 @@
 
 A :class:`Detector` knows how to turn photos into network inputs (``transform_``) and inputs
 into patch features (``embedding_``, torch's network or an ONNX graph); everything after that is
-here, torch-free: nearest-neighbour search, the eq. 7 image score, anomaly maps, thresholds.
+here, torch-free: nearest-neighbour search, the eq. 7 image score, anomaly maps, thresholds,
+teach-in. Its settings come from one typed record (:meth:`Detector.settings`), never from
+attribute look-ups with fallbacks.
 """
 
 from __future__ import annotations
@@ -17,18 +19,24 @@ from ..errors import NotFittedError
 from .approximate_search import KINDS as APPROXIMATE_KINDS
 from .approximate_search import ApproximateIndex
 from .coreset import continue_greedy, coreset_size
-from .geometry import InputTransform
-from .images import ImageSource, LoadedBatch, expand_sources, iterate_batches
+from .digest import image_sha256
+from .geometry import InputTransform, Placement
+from .images import ImageSource, LoadedBatch, expand_sources, iterate_batches, source_name
 from .patch_store import PatchStore
 from .prediction import ErrorHandler, Evidence, Prediction
 from .scoring import anomaly_map, network_map, reweighted_image_score
 from .search import MemoryBankIndex
+from .settings import ModelSettings
 from .thresholds import flagging_threshold
 
 #: With ``search_backend="auto"``: exact search up to this many bank vectors, HNSW above.
 AUTO_EXACT_LIMIT = 4096
 #: Patches re-measured exactly at a time when an approximate index found the highest scores.
 EXACT_RECHECK = 16
+
+
+class BankFullError(ValueError):
+    """Teach-in refused: the memory bank already holds ``max_bank_size`` vectors."""
 
 
 def embed_batches(
@@ -50,24 +58,56 @@ def embed_batches(
             bar.update(len(batch.names))
 
 
+def photo_grid(features: np.ndarray, placement: Placement) -> np.ndarray:
+    """One image's patch features ``(rows, columns, width)`` over the cells that show its photo:
+    the cells wholly in the stride padding are cut off (:attr:`Placement.grid_size`)."""
+    rows, columns = placement.grid_size
+    return features[:rows, :columns]
+
+
 class Detector:
-    """Scoring, maps and decisions over a memory bank. Subclasses set ``transform_``,
-    ``embedding_`` (numpy pixels -> numpy patch features) and the bank (:meth:`_set_memory_bank`),
-    and have the settings ``search_backend``, ``seed``, ``reweight``, ``num_neighbours``,
-    ``smoothing_sigma``, ``batch_size`` and ``progress``."""
+    """Scoring, maps, decisions and teach-in over a memory bank.
+
+    Subclasses provide :meth:`settings` and set ``transform_``, ``embedding_`` (numpy pixels ->
+    numpy patch features) and the bank with :meth:`_set_memory_bank` and :meth:`_start_bank_state`
+    (or :meth:`restore_bank`).
+    """
+
+    #: Settings that affect results but that the model file did not record (old exports): teach-in
+    #: refuses to guess them.
+    unrecorded_settings_: tuple[str, ...] = ()
+
+    def settings(self) -> ModelSettings:  # pragma: no cover - every subclass has its own
+        raise NotImplementedError
 
     # -- the memory bank ------------------------------------------------------------------------
 
     def _set_memory_bank(self, memory_bank: np.ndarray) -> None:
         self.memory_bank_ = np.ascontiguousarray(memory_bank, dtype=np.float32)
         self.exact_index_ = None  # made when an approximate index first needs exact re-checks
-        backend = self.search_backend
+        backend = self.settings().search_backend
         if backend == "auto":  # exact where it is cheap, a graph index above that
             backend = "numpy" if len(self.memory_bank_) <= AUTO_EXACT_LIMIT else "hnsw"
         if backend in APPROXIMATE_KINDS:
-            self.index_ = ApproximateIndex(self.memory_bank_, backend, seed=self.seed)
+            self.index_ = ApproximateIndex(self.memory_bank_, backend, seed=self.settings().seed)
         else:
             self.index_ = MemoryBankIndex(self.memory_bank_, backend)
+
+    def _start_bank_state(self) -> None:
+        """The learned state besides the bank, as a fresh fit leaves it: no thresholds, no teach-in,
+        no known origins (a fit on images sets them after this)."""
+        self.threshold_ = self.pixel_threshold_ = self.threshold_source_ = None
+        self.memory_bank_origin_ = None
+        self.training_images_ = []
+        self.teach_in_ = []
+
+    def _exact_index(self) -> MemoryBankIndex:
+        """Exact search over the bank: the index itself, or one made once beside an approximate index."""
+        if isinstance(self.index_, MemoryBankIndex):
+            return self.index_
+        if self.exact_index_ is None:
+            self.exact_index_ = MemoryBankIndex(self.memory_bank_)
+        return self.exact_index_
 
     def search_recall(self, queries: np.ndarray, sample: int = 1000) -> float:
         """The share of ``queries`` (up to ``sample`` of them) whose nearest bank vector the index
@@ -75,7 +115,7 @@ class Detector:
         if isinstance(self.index_, MemoryBankIndex):
             return 1.0
         queries = queries[:: max(1, len(queries) // sample)][:sample]
-        _, exact = MemoryBankIndex(self.memory_bank_).search(queries, 1)
+        _, exact = self._exact_index().search(queries, 1)
         _, found = self.index_.search(queries, 1)
         return float(np.mean(exact[:, 0] == found[:, 0]))
 
@@ -93,32 +133,37 @@ class Detector:
         With an approximate index the highest scores are then made exact: an approximate neighbour
         is never nearer than the true one, so a patch's approximate score bounds its exact score
         from above; patches are re-measured exactly, highest first, until the best exact score
-        reaches the next approximate one. The largest patch score (the image score's basis) is
-        then the exact one, at the cost of a few exact searches; other patches keep their
-        approximate scores, which can only be a little high.
+        reaches the next approximate one. The largest patch score (the image score's basis) and
+        its bank vector are then the exact ones, at the cost of a few exact searches; other
+        patches keep their approximate scores, which can only be a little high.
         """
         self._check_fitted()
         distances, indices = self.index_.search(patch_features, 1)
         distances, indices = distances[:, 0].copy(), indices[:, 0].copy()
         if isinstance(self.index_, MemoryBankIndex):
             return distances, indices
-        if getattr(self, "exact_index_", None) is None:
-            self.exact_index_ = MemoryBankIndex(self.memory_bank_)
+        exact_index = self._exact_index()
         order = np.argsort(-distances, kind="stable")
         best, start = -np.inf, 0
         while start < len(order) and distances[order[start]] > best:
             chunk = order[start : start + EXACT_RECHECK]
-            exact, nearest = self.exact_index_.search(patch_features[chunk], 1)
+            exact, nearest = exact_index.search(patch_features[chunk], 1)
             distances[chunk], indices[chunk] = exact[:, 0], nearest[:, 0]
             best = max(best, float(exact.max()))
             start += EXACT_RECHECK
         return distances, indices
 
     def image_score(self, patch_scores: np.ndarray, nearest: np.ndarray, patch_features: np.ndarray) -> float:
-        """Image score from one image's patch scores (eq. 7, or the maximum when ``reweight`` is off)."""
-        if not self.reweight:
+        """Image score from one image's patch scores (eq. 7, or the maximum when ``reweight`` is off).
+
+        Eq. 7's neighbours of the matched bank vector m* come from exact search (one query, cheap),
+        so with an approximate index the image score equals exact search's.
+        """
+        settings = self.settings()
+        if not settings.reweight:
             return float(patch_scores.max())
-        return float(reweighted_image_score(patch_scores, nearest, patch_features, self.index_, self.num_neighbours))
+        return float(reweighted_image_score(patch_scores, nearest, patch_features, self._exact_index(),
+                                            settings.num_neighbours))
 
     def predict(
         self, images: ImageSource | Iterable[ImageSource], maps: bool = True, on_error: ErrorHandler | None = None,
@@ -140,39 +185,41 @@ class Detector:
     ) -> Iterator[Prediction]:
         """As :meth:`predict`, one result at a time, so that long runs keep what is done."""
         self._check_fitted()
+        settings = self.settings()
         sources = expand_sources(images)
         started = time.perf_counter()
-        for batch, features in embed_batches(sources, self.transform_, self.embedding_, self.batch_size,
-                                             description="predict", progress=self.progress, on_error=on_error,
+        for batch, features in embed_batches(sources, self.transform_, self.embedding_, settings.batch_size,
+                                             description="predict", progress=settings.progress, on_error=on_error,
                                              keep_images=keep_images):
             backbone_seconds = (time.perf_counter() - started) / len(batch.names)
             for i, name in enumerate(batch.names):
-                patch_features = features[i].reshape(-1, features.shape[-1])
+                placement = batch.placements[i]
+                grid_features = photo_grid(features[i], placement)
+                patch_features = grid_features.reshape(-1, grid_features.shape[-1])
                 t0 = time.perf_counter()
                 patch_scores, nearest = self.score_patches(patch_features)
                 score = self.image_score(patch_scores, nearest, patch_features)
                 t1 = time.perf_counter()
-                grid = patch_scores.reshape(features.shape[1:3])
-                placement = batch.placements[i]
-                pixel_map = anomaly_map(grid, placement, self.smoothing_sigma) if maps else None
+                grid = patch_scores.reshape(grid_features.shape[:2])
+                pixel_map = anomaly_map(grid, placement, settings.smoothing_sigma) if maps else None
                 t2 = time.perf_counter()
                 timings = {"backbone": backbone_seconds, "search": t1 - t0, "map": t2 - t1}
                 image = batch.images[i] if keep_images else None
                 prediction = Prediction(name, score, pixel_map, grid, timings, placement=placement, image=image,
                                         evidence=self.evidence_for(grid, nearest, placement, evidence))
-                yield prediction.decide(getattr(self, "threshold_", None), getattr(self, "pixel_threshold_", None))
+                yield prediction.decide(self.threshold_, self.pixel_threshold_)
             started = time.perf_counter()
 
-    def evidence_for(self, patch_scores: np.ndarray, nearest: np.ndarray, placement, count: int,
+    def evidence_for(self, patch_scores: np.ndarray, nearest: np.ndarray, placement: Placement, count: int,
                      spacing: int = 2) -> list[Evidence]:
         """The ``count`` highest-scoring patches of a grid, no two within ``spacing`` cells of each
         other, each with the training patch its score was measured against (none when the bank's
         origins are unknown, as for a model fitted on a bare feature matrix)."""
-        origins = getattr(self, "memory_bank_origin_", None)
+        origins = self.memory_bank_origin_
         if count <= 0 or origins is None:
             return []
         rows, columns = patch_scores.shape
-        cell = self.embedding_.cell
+        cell = placement.cell
         chosen: list[tuple[int, int, int]] = []
         for flat in np.argsort(-patch_scores, axis=None, kind="stable"):
             row, column = divmod(int(flat), columns)
@@ -197,7 +244,7 @@ class Detector:
         self._check_fitted()
         if prediction.placement is None:
             raise ValueError(f"{prediction.name}: the prediction does not say where its input came from")
-        return anomaly_map(prediction.patch_scores, prediction.placement, self.smoothing_sigma)
+        return anomaly_map(prediction.patch_scores, prediction.placement, self.settings().smoothing_sigma)
 
     # -- decisions --------------------------------------------------------------------------------
 
@@ -227,7 +274,8 @@ class Detector:
         """
         predictions = self.predict(good_images, maps=False)
         scores = [p.score for p in predictions]
-        pixels = np.concatenate([network_map(p.patch_scores, p.placement, self.smoothing_sigma).ravel() for p in predictions])
+        sigma = self.settings().smoothing_sigma
+        pixels = np.concatenate([network_map(p.patch_scores, p.placement, sigma).ravel() for p in predictions])
         return self.set_threshold(
             flagging_threshold(scores, max_false_positive_rate),
             flagging_threshold(pixels, max_pixel_false_positive_rate),
@@ -243,75 +291,105 @@ class Detector:
         coreset selection from the current bank (the old images are not needed again).
 
         The farthest new patches are added first, ``coreset_ratio`` (default: the model's) of the new
-        patches; patches the bank already covers exactly add nothing. Thresholds are kept (call
-        :meth:`calibrate_threshold` to set them again). The bank may grow past ``max_bank_size``:
-        fit again to bring it back. What was added is recorded in ``teach_in_`` (and saved).
+        patches; patches the bank already covers exactly add nothing. ``max_bank_size`` is honoured:
+        when the bank is full, :class:`BankFullError`; when it would overflow, only the farthest
+        patches that fit are added (recorded as ``capped``). Thresholds are kept (call
+        :meth:`calibrate_threshold` to set them again). What was added, with each image's SHA-256,
+        is recorded in ``teach_in_`` (and saved).
         """
         self._check_fitted()
+        settings = self.settings()
+        if coreset_ratio is None and "coreset_ratio" in self.unrecorded_settings_:
+            raise ValueError("this model file does not record its coreset ratio (an export written by patchcore "
+                             "before 0.3): give the share of new patches to keep (coreset_ratio=, or patchcore add "
+                             "--coreset-ratio), or export the saved model again")
+        ratio = settings.coreset_ratio if coreset_ratio is None else coreset_ratio
+        room = None if settings.max_bank_size is None else settings.max_bank_size - len(self.memory_bank_)
+        if room is not None and room <= 0:
+            raise BankFullError(f"the memory bank is full ({len(self.memory_bank_)} vectors, max_bank_size "
+                                f"{settings.max_bank_size}): fit the model again on all its good images, or fit it "
+                                "with a larger max_bank_size")
         started = time.perf_counter()
-        ratio = coreset_ratio if coreset_ratio is not None else getattr(self, "coreset_ratio", 0.1)
         sources = expand_sources(images)
-        first_image = len(getattr(self, "training_images_", None) or [])
-        with PatchStore(self.memory_bank_.shape[1]) as store:
+        digests = {source_name(source, position): image_sha256(source) for position, source in enumerate(sources)}
+        first_image = len(self.training_images_)
+        with PatchStore(self.memory_bank_.shape[1], directory=settings.scratch_dir) as store:
             sizes = []
-            for batch, features in embed_batches(sources, self.transform_, self.embedding_, self.batch_size,
-                                                 description="teach-in", progress=self.progress, on_error=on_error):
-                for name, grid, placement in zip(batch.names, features, batch.placements):
-                    store.append_image(name, grid)
-                    sizes.append(list(placement.image_size))
+            for batch, features in embed_batches(sources, self.transform_, self.embedding_, settings.batch_size,
+                                                 description="teach-in", progress=settings.progress, on_error=on_error):
+                for i, name in enumerate(batch.names):
+                    store.append_image(name, photo_grid(features[i], batch.placements[i]))
+                    sizes.append(list(batch.placements[i].image_size))
             if not len(store):
                 raise ValueError("no usable images to add: every image was skipped")
             candidates = store.read(0, len(store))
-            picks = continue_greedy(self.memory_bank_, candidates, coreset_size(len(store), ratio),
-                                    getattr(self, "projection_dim", 128), getattr(self, "seed", 0))
+            wanted = coreset_size(len(store), ratio)
+            picks = continue_greedy(self.memory_bank_, candidates, wanted if room is None else min(wanted, room),
+                                    settings.projection_dim, settings.seed)
             origins = store.origins(picks)
             names = store.image_names
         origins[:, 0] += first_image
         bank = np.concatenate([self.memory_bank_, candidates[picks]])
-        old_origins = getattr(self, "memory_bank_origin_", None)
+        old_origins = self.memory_bank_origin_
         self._set_memory_bank(bank)  # a new index: requests using the old one are not disturbed
         if old_origins is not None:
             self.memory_bank_origin_ = np.concatenate([old_origins, origins]).astype(np.int32)
             self.training_images_ = list(self.training_images_) + [{"name": n, "size": z} for n, z in zip(names, sizes)]
-        self.n_training_patches_ = int(getattr(self, "n_training_patches_", 0) or 0) + len(candidates)
-        if getattr(self, "n_training_images_", None) is not None:
+        self.n_training_patches_ += len(candidates)
+        if self.n_training_images_ is not None:
             self.n_training_images_ += len(names)
-        self.teach_in_ = list(getattr(self, "teach_in_", [])) + [{
-            "images": len(names), "patches": len(candidates), "added_to_bank": len(picks),
+        self.teach_in_ = list(self.teach_in_) + [{
+            "images": len(names), "sources": [{"name": name, "sha256": digests[name]} for name in names],
+            "patches": len(candidates), "added_to_bank": len(picks), "capped": room is not None and wanted > room,
             "bank_size": int(bank.shape[0]), "seconds": round(time.perf_counter() - started, 3),
             "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }]
         return self
 
+    # -- what a model file keeps ----------------------------------------------------------------------
+
     def bank_tensors(self) -> dict[str, np.ndarray]:
         """The arrays a saved model keeps of its memory bank: the vectors and where each came from."""
         tensors = {"memory_bank": self.memory_bank_}
-        if getattr(self, "memory_bank_origin_", None) is not None:
+        if self.memory_bank_origin_ is not None:
             tensors["origin"] = self.memory_bank_origin_
         return tensors
 
     def bank_state(self) -> dict:
-        """The training images the bank's vectors came from (names and sizes), for evidence, and
-        the good images taught in since the fit."""
-        return {"training_images": getattr(self, "training_images_", None), "teach_in": getattr(self, "teach_in_", [])}
+        """The training images the bank's vectors came from (names and sizes), for evidence, the
+        good images taught in since the fit, and how many images and patches the bank was chosen from."""
+        return {"training_images": self.training_images_ if self.memory_bank_origin_ is not None else None,
+                "teach_in": self.teach_in_, "n_training_images": self.n_training_images_,
+                "n_training_patches": self.n_training_patches_}
 
     def restore_bank(self, tensors: dict[str, np.ndarray], state: dict) -> None:
         """The inverse of :meth:`bank_tensors` and :meth:`bank_state`."""
         self._set_memory_bank(tensors["memory_bank"])
-        if state.get("teach_in"):
-            self.teach_in_ = list(state["teach_in"])
+        self._start_bank_state()
+        self.teach_in_ = list(state.get("teach_in") or [])
+        self.n_training_images_ = state["n_training_images"]
+        self.n_training_patches_ = state["n_training_patches"]
         if "origin" in tensors and state.get("training_images"):
             self.memory_bank_origin_ = np.asarray(tensors["origin"], dtype=np.int32)
-            self.training_images_ = state["training_images"]
+            self.training_images_ = list(state["training_images"])
+
+    def version_event(self, event: dict | None) -> dict:
+        """What the model directory's history records of a save: ``event`` (``action``, ``who``)
+        with the bank's size and, after teach-in, the images taught (count and SHA-256 each)."""
+        event = {"action": "save", "who": "library", **(event or {}), "bank_size": int(len(self.memory_bank_))}
+        if event["action"] == "teach-in" and self.teach_in_:
+            last = self.teach_in_[-1]
+            event.update({key: last[key] for key in ("images", "sources", "added_to_bank", "capped") if key in last})
+        return event
 
     def decision_state(self) -> dict:
         """What a saved model records besides its settings and tensors: thresholds and the normal scale."""
         return {
             "normal_patch_score_mean": self.normal_patch_score_mean_,
             "normal_patch_score_std": self.normal_patch_score_std_,
-            "threshold": getattr(self, "threshold_", None),
-            "pixel_threshold": getattr(self, "pixel_threshold_", None),
-            "threshold_source": getattr(self, "threshold_source_", None),
+            "threshold": self.threshold_,
+            "pixel_threshold": self.pixel_threshold_,
+            "threshold_source": self.threshold_source_,
         }
 
     def restore_decision_state(self, state: dict) -> None:

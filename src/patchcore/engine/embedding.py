@@ -54,4 +54,5 @@ def feature_pipeline(
     width = feature_width if feature_width is not None else spec.feature_width
     network = PatchNetwork(backbone, PatchFeatures(backbone.channels, width, neighbourhood)).eval()
     embedding = TiledEmbedding(network.numpy, network.stride, network.cell, tile_size, tile_overlap, batch_size)
-    return network, embedding, InputTransform(resize, crop, spec.mean, spec.std, stride=network.stride)
+    return network, embedding, InputTransform(resize, crop, spec.mean, spec.std, stride=network.stride,
+                                                cell=network.cell)

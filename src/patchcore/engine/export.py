@@ -20,11 +20,6 @@ from .onnx_network import OPSET, export_network
 
 FORMATS = ("onnx", "openvino")
 
-#: Settings the runtime needs (the rest, such as the coreset's, only mattered for fitting).
-RUNTIME_SETTINGS = ("backbone", "layers", "num_neighbours", "reweight", "resize", "crop", "tile_size", "tile_overlap",
-                    "smoothing_sigma", "search_backend", "batch_size", "seed", "threads")
-
-
 def _openvino_ir(onnx_graph: bytes) -> tuple[bytes, bytes]:
     """(``.xml``, ``.bin``) of the OpenVINO IR made from an ONNX graph."""
     try:
@@ -63,8 +58,10 @@ def _tensors(network) -> list:
     return list(itertools.chain(network.parameters(), network.buffers()))
 
 
-def export_model(model, directory: str | os.PathLike, format: str = "onnx") -> Path:
-    """Write fitted PatchCore ``model`` to ``directory`` as an export (atomically, like a save)."""
+def export_model(model, directory: str | os.PathLike, format: str = "onnx", event: dict | None = None) -> Path:
+    """Write fitted PatchCore ``model`` to ``directory`` as an export (atomically, as a new version,
+    like a save). It keeps every setting of the model, so that teach-in on the export adds exactly
+    what it adds on the saved model."""
     if format not in FORMATS:
         raise ValueError(f"unknown export format {format!r}: use one of {', '.join(FORMATS)}")
     model._check_fitted()
@@ -74,9 +71,8 @@ def export_model(model, directory: str | os.PathLike, format: str = "onnx") -> P
     else:
         xml, weights = _openvino_ir(graph)
         blobs = {"network": (".xml", xml), "network_weights": (".bin", weights)}
-    settings = {key: value for key, value in model.settings().items() if key in RUNTIME_SETTINGS}
     spec = model.backbone_spec_
-    settings["layers"] = list(spec.layers)
+    settings = model.settings().replace(layers=tuple(spec.layers)).to_json()
     state = {
         "runtime": format,
         "onnx_opset": OPSET,
@@ -85,10 +81,9 @@ def export_model(model, directory: str | os.PathLike, format: str = "onnx") -> P
         "stride": model.network_.stride,
         "cell": model.network_.cell,
         "feature_width": model.network_.width,
-        "n_training_images": model.n_training_images_,
-        "n_training_patches": model.n_training_patches_,
         **model.decision_state(),
         **model.bank_state(),
     }
     return persistence.write_model(directory, settings, state, {"memory_bank": model.bank_tensors()},
-                                   blobs=blobs, format_name=persistence.EXPORT_FORMAT_NAME)
+                                   blobs=blobs, format_name=persistence.EXPORT_FORMAT_NAME,
+                                   event=model.version_event({"action": "export", **(event or {})}))

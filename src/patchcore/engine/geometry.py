@@ -32,13 +32,22 @@ class Placement:
 
     ``box`` is the region of the photo the input shows (left, top, right, bottom, in original
     pixels; the whole photo unless cropped); ``content_size`` its (height, width) in input pixels;
-    ``input_size`` the (height, width) fed to the network, padding included.
+    ``input_size`` the (height, width) fed to the network, padding included; ``cell`` the input
+    pixels per patch of the network's feature grid.
     """
 
     image_size: tuple[int, int]
     box: tuple[float, float, float, float]
     content_size: tuple[int, int]
     input_size: tuple[int, int]
+    cell: int
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        """(rows, columns) of the feature grid's cells that show some of the photo. The cells past
+        them lie wholly in the stride padding (repeated border pixels, not photo): they never enter
+        the memory bank, an image score, a map or the evidence."""
+        return -(-self.content_size[0] // self.cell), -(-self.content_size[1] // self.cell)
 
     def patch_box(self, row: int, column: int, cell: int, margin: int = 1) -> tuple[int, int, int, int]:
         """The photo's pixels (left, top, right, bottom) under patch (row, column) of a grid of
@@ -111,17 +120,21 @@ class InputTransform:
     std: tuple[float, float, float]
     #: Inputs are padded to a multiple of this (the deepest feature stage's stride).
     stride: int = 1
+    #: Input pixels per patch of the feature grid (the shallowest stage's stride); ``None``: the stride.
+    cell: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "resize", parse_resize(self.resize))
+        if self.cell is None:
+            object.__setattr__(self, "cell", self.stride)
         if self.crop is not None and self.crop < MIN_SIDE:
             raise ValueError(f"crop must be at least {MIN_SIDE} pixels, got {self.crop}")
         if isinstance(self.resize, int) and self.crop is not None and self.crop > self.resize:
             raise ValueError(f"crop ({self.crop}) must not be larger than resize ({self.resize})")
         if isinstance(self.resize, tuple) and self.crop is not None and self.crop > min(self.resize):
             raise ValueError(f"crop ({self.crop}) must not be larger than the resized image {self.resize[0]}x{self.resize[1]}")
-        if self.stride < 1:
-            raise ValueError(f"stride must be at least 1, got {self.stride}")
+        if self.stride < 1 or self.cell < 1 or self.stride % self.cell:
+            raise ValueError(f"stride ({self.stride}) and cell ({self.cell}) must be positive, the stride a multiple of the cell")
 
     def input_size(self, width: int, height: int) -> tuple[int, int]:
         """(height, width) of the network input made from a ``width`` x ``height`` photo."""
@@ -151,7 +164,8 @@ class InputTransform:
             content_width = content_height = self.crop
         box = (left / scale_x, top / scale_y, (left + content_width) / scale_x, (top + content_height) / scale_y)
         content = (content_height, content_width)
-        return Placement((height, width), box, content, (padded(content_height, self.stride), padded(content_width, self.stride)))
+        return Placement((height, width), box, content, (padded(content_height, self.stride), padded(content_width, self.stride)),
+                         self.cell)
 
     def __call__(self, image: Image.Image) -> tuple[np.ndarray, Placement]:
         """The normalised network input ``(3, H, W)`` float32 and where it came from.
@@ -179,7 +193,7 @@ class InputTransform:
         mean = np.float32(255.0) * np.asarray(self.mean, dtype=np.float32)
         scale = np.float32(1.0) / (np.float32(255.0) * np.asarray(self.std, dtype=np.float32))
         pixels = (array.astype(np.float32) - mean) * scale  # (H, W, 3)
-        return np.ascontiguousarray(pixels.transpose(2, 0, 1)), Placement((height, width), box, content, input_size)
+        return np.ascontiguousarray(pixels.transpose(2, 0, 1)), Placement((height, width), box, content, input_size, self.cell)
 
 
 def tile_starts(length: int, tile: int, overlap: int, multiple: int) -> list[int]:

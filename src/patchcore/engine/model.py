@@ -17,7 +17,7 @@ from .approximate_search import KINDS as APPROXIMATE_KINDS
 from .backbone_specs import BackboneSpec, resolve_spec
 from .backbones import build_network, create_backbone
 from .coreset import SAMPLERS, coreset_size, select_coreset
-from .detector import Detector, embed_batches
+from .detector import Detector, embed_batches, photo_grid
 from .embedding import feature_pipeline
 from .geometry import parse_resize
 from .images import ImageSource, expand_sources
@@ -25,7 +25,7 @@ from .onnx_network import OnnxNetwork, export_network, onnxruntime_available
 from .patch_store import ArrayRows, PatchStore
 from .prediction import ErrorHandler
 from .search import BACKENDS
-from .settings import DEFAULTS, DEVICES, PRESETS, RUNTIMES  # noqa: F401  (PRESETS: part of this module's API)
+from .settings import DEFAULTS, DEVICES, PRESETS, RUNTIMES, ModelSettings, read_settings  # noqa: F401  (PRESETS: API)
 from .weights import load_into
 
 #: Training patches drawn (seeded) to measure the scale of normal patch scores after fitting.
@@ -68,6 +68,8 @@ class PatchCore(BaseEstimator, Detector):
     runtime: what runs the network on the CPU: ``"auto"`` (ONNX Runtime when installed: 3-4x faster
         than torch there, same features to 1e-6), ``"onnxruntime"`` or ``"torch"``.
     threads: CPU threads for the network (default: every core).
+    scratch_dir: folder for the training patches while fitting (default: the system's temporary
+        folder; a warning says when that is RAM-backed, e.g. tmpfs).
     batch_size, seed, progress: images per forward pass, coreset seed, progress bars.
     """
 
@@ -97,6 +99,7 @@ class PatchCore(BaseEstimator, Detector):
         device: str = DEFAULTS["device"],
         runtime: str = DEFAULTS["runtime"],
         threads: int | None = DEFAULTS["threads"],
+        scratch_dir: str | os.PathLike | None = DEFAULTS["scratch_dir"],
         progress: bool = DEFAULTS["progress"],
     ) -> None:
         self.backbone = backbone
@@ -122,17 +125,14 @@ class PatchCore(BaseEstimator, Detector):
         self.device = device
         self.runtime = runtime
         self.threads = threads
+        self.scratch_dir = scratch_dir
         self.progress = progress
 
     # -- settings ---------------------------------------------------------------------------
 
-    def settings(self) -> dict[str, Any]:
-        """The constructor's settings as plain JSON values (what a saved model records)."""
-        params = self.get_params(deep=False)
-        params["layers"] = list(params["layers"]) if params["layers"] is not None else None
-        params["weights"] = str(params["weights"])
-        params["resize"] = list(params["resize"]) if isinstance(params["resize"], tuple) else params["resize"]
-        return params
+    def settings(self) -> ModelSettings:
+        """The constructor's settings as the typed record that saved models and exports keep."""
+        return ModelSettings.from_params(self.get_params(deep=False))
 
     def _validate_settings(self) -> None:
         coreset_size(1, self.coreset_ratio, self.max_bank_size)  # raises on an out-of-range ratio or cap
@@ -223,13 +223,13 @@ class PatchCore(BaseEstimator, Detector):
             timings["backbone_load"] = time.perf_counter() - started
         sources = expand_sources(images)
         started = time.perf_counter()
-        store = PatchStore(self.network_.width)
+        store = PatchStore(self.network_.width, directory=self.scratch_dir)
         sizes = []
         try:
             for batch, features in embed_batches(sources, self.transform_, self.embedding_, self.batch_size,
                                                  progress=self.progress, on_error=on_error):
                 for name, grid, placement in zip(batch.names, features, batch.placements):
-                    store.append_image(name, grid)
+                    store.append_image(name, photo_grid(grid, placement))
                     sizes.append(list(placement.image_size))
         except BaseException:
             store.close()
@@ -249,7 +249,7 @@ class PatchCore(BaseEstimator, Detector):
         if not hasattr(self, "embedding_"):
             raise NotFittedError("fit_patches needs the backbone: call extract_patches(images) first")
         source = ArrayRows(patches) if isinstance(patches, np.ndarray) else patches
-        timings = dict(getattr(self, "extract_timings_", {}))
+        timings = dict(self.extract_timings_) if hasattr(self, "extract_timings_") else {}
         started = time.perf_counter()
         n_select = coreset_size(len(source), self.coreset_ratio, self.max_bank_size)
         kept = select_coreset(source, n_select, self.sampler, self.projection_dim, self.seed, self.progress)
@@ -258,11 +258,11 @@ class PatchCore(BaseEstimator, Detector):
         self.coreset_indices_ = np.sort(kept)
         started = time.perf_counter()
         self._set_memory_bank(source.take(self.coreset_indices_))
+        self._start_bank_state()
         timings["index"] = time.perf_counter() - started
         self.n_training_images_ = len(source.image_names) if isinstance(source, PatchStore) else None
         if isinstance(source, PatchStore):  # where each bank vector came from: evidence for verdicts
-            self.training_images_ = [{"name": name, "size": size}
-                                     for name, size in zip(source.image_names, getattr(source, "image_sizes", []))]
+            self.training_images_ = [{"name": name, "size": size} for name, size in zip(source.image_names, source.image_sizes)]
             self.memory_bank_origin_ = source.origins(self.coreset_indices_)
         # Patch scores of good training patches: the scale of "normal", for comparing models.
         rng = np.random.default_rng(self.seed)
@@ -280,27 +280,25 @@ class PatchCore(BaseEstimator, Detector):
 
     # -- persistence ------------------------------------------------------------------------
 
-    def save(self, directory: str | os.PathLike) -> None:
-        """Write the fitted model to ``directory`` (safetensors + JSON, atomically replaced)."""
+    def save(self, directory: str | os.PathLike, event: dict[str, Any] | None = None,
+             keep_versions: int = persistence.KEEP_VERSIONS) -> None:
+        """Write the fitted model to ``directory`` (safetensors + JSON) as its new version,
+        atomically; ``event`` (``action``, ``who``) is what the directory's history records."""
         self._check_fitted()
         spec = asdict(self.backbone_spec_)
         spec.pop("notes", None)
         persistence.write_model(
             directory,
-            settings=self.settings(),
-            state={
-                "backbone_spec": spec,
-                "n_training_images": self.n_training_images_,
-                "n_training_patches": self.n_training_patches_,
-                **self.decision_state(),
-                **self.bank_state(),
-            },
+            settings=self.settings().to_json(),
+            state={"backbone_spec": spec, **self.decision_state(), **self.bank_state()},
             tensors={
                 "memory_bank": self.bank_tensors(),
                 # Batch-norm step counters only matter for training (and are 0-d, which numpy files widen).
                 "backbone": {name: value.detach().cpu().numpy() for name, value in self.backbone_.network.state_dict().items()
                              if not name.endswith("num_batches_tracked")},
             },
+            event=self.version_event(event),
+            keep_versions=keep_versions,
         )
 
     @classmethod
@@ -311,14 +309,10 @@ class PatchCore(BaseEstimator, Detector):
         if manifest["format"] != persistence.FORMAT_NAME:
             raise ModelFormatError(f"{directory}: an exported model (runs without torch): load it with "
                                    "patchcore.load_model or patchcore.ExportedModel.load")
-        settings = dict(manifest["settings"])
-        settings["progress"] = False
-        if threads is not None:
-            settings["threads"] = threads
-        if isinstance(settings.get("resize"), list):  # JSON has no tuples
-            settings["resize"] = tuple(settings["resize"])
         try:
-            model = cls(**settings)
+            settings, _ = read_settings(manifest["settings"], f"{directory}", manifest["format_version"])
+            settings = settings.replace(progress=False, **({"threads": threads} if threads is not None else {}))
+            model = cls(**vars(settings))
             state = manifest["state"]
             spec_fields = dict(state["backbone_spec"])
             for key in ("layers", "mean", "std"):
@@ -328,8 +322,6 @@ class PatchCore(BaseEstimator, Detector):
             weights = {name: torch.from_numpy(value) for name, value in tensors["backbone"].items()}
             load_into(backbone.network, weights, f"{directory}: backbone weights")
             model._build(spec, backbone)
-            model.n_training_images_ = state["n_training_images"]
-            model.n_training_patches_ = state["n_training_patches"]
             model.restore_bank(tensors["memory_bank"], state)
             model.restore_decision_state(state)
         except (KeyError, TypeError, ValueError) as exc:

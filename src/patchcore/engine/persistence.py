@@ -1,20 +1,26 @@
-"""Model directories: tensors in safetensors files, settings in JSON, never a pickle.
+"""Model directories: tensors in safetensors files, settings in JSON, never a pickle; every
+change a new version that can be restored.
 
 Layout of a model directory::
 
-    patchcore.json                    manifest: format, version, settings, files and their SHA-256
+    patchcore.json                    manifest of the current version: format, settings, state,
+                                      files and their SHA-256, version number and what made it
     memory_bank-<sha256[:16]>.safetensors
     backbone-<sha256[:16]>.safetensors
+    versions/000007.json              the manifests of the last ``keep_versions`` versions
+    history.jsonl                     one line per version ever written: when, what, who (append-only)
+    .lock                             taken by every writer (several processes may serve one model)
 
-Saving is atomic: the tensor files get new content-addressed names, are flushed to disk, and only
-then does ``patchcore.json`` replace the old manifest in one rename; files of the previous model
-are removed afterwards. A crash at any point leaves either the old model or the new one, whole.
-Loading checks the format, the version and every file's checksum before reading a tensor.
+Saving is atomic: the tensor files get content-addressed names (a version that did not change
+the backbone shares its file), are flushed to disk, and only then does ``patchcore.json``
+replace the old manifest in one rename. A crash at any point leaves either the old model or the
+new one, whole. Files that no kept version names are removed afterwards. Loading checks the
+format, the version and every file's checksum before reading a tensor. :func:`rollback` makes a
+kept version current again, as a new version (the history only grows).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
@@ -23,48 +29,157 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from filelock import FileLock
 from safetensors.numpy import load_file, save_file
 
 from ..errors import ModelFormatError
+from .digest import file_sha256
 
 FORMAT_NAME = "patchcore-model"
 #: The format of ``patchcore export``: the network as an ONNX (or OpenVINO) graph instead of torch weights.
 EXPORT_FORMAT_NAME = "patchcore-export"
-FORMAT_VERSION = 2
-#: Versions this code reads: 1 (before whole-image geometry; its settings name resize and crop explicitly).
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3
+#: Versions this code reads: 1 (before whole-image geometry; its settings name resize and crop
+#: explicitly), 2 (exports without the coreset's settings), 3 (every setting, model versions).
+READABLE_VERSIONS = (1, 2, 3)
 MANIFEST = "patchcore.json"
+VERSIONS = "versions"
+HISTORY = "history.jsonl"
+LOCK = ".lock"
+#: Versions a model directory keeps restorable by default.
+KEEP_VERSIONS = 10
 
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+#: Temporary files being written right now (an interrupted process removes them on its way out).
+PENDING_TEMPORARY: set[Path] = set()
 
 
 def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+    """Flush a file, or a directory's entries, to disk. Directories cannot be opened for that on
+    Windows (nor on some network file systems): there the rename itself is what is durable."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        if path.is_dir():
+            return
+        raise
     try:
         os.fsync(fd)
+    except OSError:
+        if not path.is_dir():
+            raise
     finally:
         os.close(fd)
+
+
+def model_lock(directory: str | os.PathLike) -> FileLock:
+    """The lock every writer of a model directory holds (re-entrant within a thread; exclusive
+    between threads and processes). Hold it around read-change-write (teach-in) so that two
+    writers never overwrite each other's version."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    return FileLock(directory / LOCK, is_singleton=True)
 
 
 def _store(directory: Path, role: str, suffix: str, write) -> dict[str, Any]:
     """Write a file with ``write(path)``, flush it, and give it its content-addressed name."""
     with tempfile.NamedTemporaryFile(dir=directory, prefix=f".{role}-", suffix=".tmp", delete=False) as handle:
         temporary = Path(handle.name)
+    PENDING_TEMPORARY.add(temporary)
     try:
         write(temporary)
         _fsync(temporary)
-        checksum = _sha256(temporary)
+        checksum = file_sha256(temporary)
         final = directory / f"{role}-{checksum[:16]}{suffix}"
         os.replace(temporary, final)
     finally:
         temporary.unlink(missing_ok=True)
+        PENDING_TEMPORARY.discard(temporary)
     return {"file": final.name, "sha256": checksum, "bytes": final.stat().st_size}
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write JSON next to ``path``, flush it, and rename it into place (atomic)."""
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=".manifest-", suffix=".tmp", delete=False) as handle:
+        temporary = Path(handle.name)
+        PENDING_TEMPORARY.add(temporary)
+        try:
+            json.dump(data, handle, indent=2, sort_keys=True)
+            handle.flush()
+            os.fsync(handle.fileno())
+        except BaseException:
+            handle.close()
+            temporary.unlink(missing_ok=True)
+            PENDING_TEMPORARY.discard(temporary)
+            raise
+    try:
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+        PENDING_TEMPORARY.discard(temporary)
+
+
+def _version_path(directory: Path, version: int) -> Path:
+    return directory / VERSIONS / f"{version:06d}.json"
+
+
+def _commit(directory: Path, manifest: dict[str, Any], event: dict[str, Any], keep_versions: int) -> None:
+    """Make ``manifest`` the current version: archive it, rename it into place, log it, prune.
+    The caller holds the model lock."""
+    (directory / VERSIONS).mkdir(exist_ok=True)
+    archived = _version_path(directory, manifest["version"])
+    _write_json(archived, manifest)
+    try:
+        _write_json(directory / MANIFEST, manifest)  # the commit point
+    except BaseException:
+        archived.unlink(missing_ok=True)  # never committed: not a version to restore
+        raise
+    _fsync(directory)
+    line = {"version": manifest["version"], "at": manifest["saved_at"], **event,
+            "manifest_sha256": file_sha256(directory / MANIFEST)}
+    with open(directory / HISTORY, "a", encoding="utf-8") as log:
+        log.write(json.dumps(line, sort_keys=True) + "\n")
+        log.flush()
+        os.fsync(log.fileno())
+    _prune(directory, keep_versions)
+
+
+def _current_version(directory: Path) -> int:
+    """The current version's number (0: no model yet). A directory written before versions
+    existed counts as version 1, archived first so that it can be restored."""
+    if not (directory / MANIFEST).is_file():
+        return 0
+    manifest = read_manifest(directory)
+    version = int(manifest.get("version", 1))
+    if not _version_path(directory, version).is_file():
+        (directory / VERSIONS).mkdir(exist_ok=True)
+        _write_json(_version_path(directory, version), {**manifest, "version": version})
+    return version
+
+
+def _prune(directory: Path, keep_versions: int) -> None:
+    """Keep the last ``keep_versions`` versions (and the current one) restorable; remove the
+    archived manifests before them and every file that no kept version names."""
+    archived = sorted(_archived_versions(directory))
+    for version in archived[:-keep_versions]:
+        _version_path(directory, version).unlink(missing_ok=True)
+    kept = [json.loads(_version_path(directory, v).read_text()) for v in archived[-keep_versions:]]
+    kept.append(json.loads((directory / MANIFEST).read_text()))
+    needed = {entry["file"] for manifest in kept for entry in manifest["files"].values()}
+    roles = {role for manifest in kept for role in manifest["files"]}
+    for path in directory.iterdir():
+        if not path.is_file():
+            continue
+        if path.name.startswith(".") and path.name.endswith(".tmp") and path not in PENDING_TEMPORARY:
+            path.unlink(missing_ok=True)  # left by a writer that died (writers hold the lock: none runs now)
+        elif path.name not in needed and path.name.split("-")[0] in roles:
+            path.unlink(missing_ok=True)
+
+
+def _archived_versions(directory: Path) -> list[int]:
+    folder = directory / VERSIONS
+    if not folder.is_dir():
+        return []
+    return [int(path.stem) for path in folder.glob("*.json") if path.stem.isdigit()]
 
 
 def write_model(
@@ -75,40 +190,39 @@ def write_model(
     extra: dict[str, Any] | None = None,
     blobs: dict[str, tuple[str, bytes]] | None = None,
     format_name: str = FORMAT_NAME,
+    event: dict[str, Any] | None = None,
+    keep_versions: int = KEEP_VERSIONS,
 ) -> Path:
-    """Write a model directory: ``tensors`` maps a file role to the arrays of its safetensors file,
-    ``blobs`` a role to ``(suffix, bytes)`` of another file (an ONNX graph, say)."""
+    """Write a new version of a model directory: ``tensors`` maps a file role to the arrays of
+    its safetensors file, ``blobs`` a role to ``(suffix, bytes)`` of another file (an ONNX graph,
+    say); ``event`` says what made this version (``action``, ``who`` and details), for the history."""
     from .. import __version__
 
+    if keep_versions < 1:
+        raise ValueError(f"keep_versions must be at least 1, got {keep_versions}")
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    files = {}
-    for role, contents in tensors.items():
-        arrays = {k: np.ascontiguousarray(v) for k, v in contents.items()}
-        files[role] = _store(directory, role, ".safetensors", lambda path, arrays=arrays: save_file(arrays, str(path)))
-    for role, (suffix, data) in (blobs or {}).items():
-        files[role] = _store(directory, role, suffix, lambda path, data=data: path.write_bytes(data))
-    manifest = {
-        "format": format_name,
-        "format_version": FORMAT_VERSION,
-        "patchcore_version": __version__,
-        "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "settings": settings,
-        "state": state,
-        "files": files,
-        **(extra or {}),
-    }
-    with tempfile.NamedTemporaryFile("w", dir=directory, prefix=".manifest-", suffix=".tmp", delete=False) as handle:
-        json.dump(manifest, handle, indent=2, sort_keys=True)
-        handle.flush()
-        os.fsync(handle.fileno())
-        temporary = Path(handle.name)
-    os.replace(temporary, directory / MANIFEST)  # the commit point
-    _fsync(directory)
-    keep = {MANIFEST, *(entry["file"] for entry in files.values())}
-    for stale in directory.iterdir():
-        if stale.is_file() and stale.name not in keep and stale.name.split("-")[0] in files:
-            stale.unlink(missing_ok=True)  # a file of the previous model (same role, other content)
+    with model_lock(directory):
+        version = _current_version(directory) + 1
+        files = {}
+        for role, contents in tensors.items():
+            arrays = {k: np.ascontiguousarray(v) for k, v in contents.items()}
+            files[role] = _store(directory, role, ".safetensors", lambda path, arrays=arrays: save_file(arrays, str(path)))
+        for role, (suffix, data) in (blobs or {}).items():
+            files[role] = _store(directory, role, suffix, lambda path, data=data: path.write_bytes(data))
+        event = {"action": "save", "who": "library", **(event or {})}
+        manifest = {
+            "format": format_name,
+            "format_version": FORMAT_VERSION,
+            "patchcore_version": __version__,
+            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "version": version,
+            "event": event,
+            "settings": settings,
+            "state": state,
+            "files": files,
+            **(extra or {}),
+        }
+        _commit(directory, manifest, event, keep_versions)
     return directory
 
 
@@ -118,21 +232,10 @@ def model_sha256(directory: str | os.PathLike) -> str:
     path = Path(directory) / MANIFEST
     if not path.is_file():
         raise ModelFormatError(f"{directory}: no {MANIFEST}; not a patchcore model directory")
-    return _sha256(path)
+    return file_sha256(path)
 
 
-def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
-    """The checked manifest of a model directory (format and version known)."""
-    directory = Path(directory)
-    path = directory / MANIFEST
-    if not directory.is_dir():
-        raise ModelFormatError(f"{directory}: model directory not found")
-    if not path.is_file():
-        raise ModelFormatError(f"{directory}: no {MANIFEST}; not a patchcore model directory")
-    try:
-        manifest = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelFormatError(f"{path}: not valid JSON ({exc})") from exc
+def _check_manifest(manifest: Any, path: Path) -> dict[str, Any]:
     if not isinstance(manifest, dict) or manifest.get("format") not in (FORMAT_NAME, EXPORT_FORMAT_NAME):
         raise ModelFormatError(f"{path}: not a patchcore model manifest")
     version = manifest.get("format_version")
@@ -147,18 +250,49 @@ def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
     return manifest
 
 
-def read_model(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, dict[str, np.ndarray]], dict[str, Path]]:
-    """The manifest, the arrays of each safetensors file and the paths of the other files of a
-    model directory, after checking every file's SHA-256."""
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelFormatError(f"{path}: not valid JSON ({exc})") from exc
+
+
+def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
+    """The checked manifest of a model directory's current version (format and version known)."""
     directory = Path(directory)
-    manifest = read_manifest(directory)
-    tensors, paths = {}, {}
+    path = directory / MANIFEST
+    if not directory.is_dir():
+        raise ModelFormatError(f"{directory}: model directory not found")
+    if not path.is_file():
+        raise ModelFormatError(f"{directory}: no {MANIFEST}; not a patchcore model directory")
+    return _check_manifest(_read_json(path), path)
+
+
+def manifest_version(manifest: dict[str, Any]) -> int:
+    """The model version a manifest describes (1 for directories written before versions existed)."""
+    return int(manifest.get("version", 1))
+
+
+def _check_files(directory: Path, manifest: dict[str, Any]) -> dict[str, Path]:
+    """The path of each file of ``manifest``, after checking that it exists and its SHA-256."""
+    paths = {}
     for role, entry in manifest["files"].items():
         path = directory / str(entry.get("file", ""))
         if not path.is_file() or path.parent != directory:
             raise ModelFormatError(f"{path}: file of the model is missing")
-        if _sha256(path) != entry.get("sha256"):
+        if file_sha256(path) != entry.get("sha256"):
             raise ModelFormatError(f"{path}: checksum does not match the manifest; the file was altered or damaged")
+        paths[role] = path
+    return paths
+
+
+def read_model(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, dict[str, np.ndarray]], dict[str, Path]]:
+    """The manifest, the arrays of each safetensors file and the paths of the other files of a
+    model directory's current version, after checking every file's SHA-256."""
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    tensors, paths = {}, {}
+    for role, path in _check_files(directory, manifest).items():
         if path.suffix != ".safetensors":
             paths[role] = path
             continue
@@ -167,3 +301,57 @@ def read_model(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, 
         except Exception as exc:
             raise ModelFormatError(f"{path}: unreadable safetensors file ({exc})") from exc
     return manifest, tensors, paths
+
+
+def history(directory: str | os.PathLike) -> list[dict[str, Any]]:
+    """Every version written to a model directory, oldest first: the history log's lines (version,
+    at, action, who, details, manifest_sha256), each with ``restorable`` (its manifest is kept) and
+    ``current``. A directory from before versions existed shows its one version."""
+    directory = Path(directory)
+    current = manifest_version(read_manifest(directory))
+    entries: list[dict[str, Any]] = []
+    log = directory / HISTORY
+    if log.is_file():
+        for number, line in enumerate(log.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                entries.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise ModelFormatError(f"{log}: line {number} is not valid JSON") from None
+    if not any(entry.get("version") == current for entry in entries):
+        manifest = read_manifest(directory)
+        entries.append({"version": current, "at": manifest.get("saved_at"), **(manifest.get("event") or {"action": "save"})})
+    kept = set(_archived_versions(directory)) | {current}
+    for entry in entries:
+        entry["restorable"] = entry.get("version") in kept
+        entry["current"] = entry.get("version") == current
+    return entries
+
+
+def rollback(directory: str | os.PathLike, to: int | None = None, who: str = "library",
+             keep_versions: int = KEEP_VERSIONS) -> dict[str, Any]:
+    """Make version ``to`` (default: the one before the current) the model again, atomically, as a
+    new version whose files and state are exactly those of ``to`` (scores equal bit for bit).
+    Returns the new manifest."""
+    directory = Path(directory)
+    with model_lock(directory):
+        current = _current_version(directory)
+        if current == 0:
+            raise ModelFormatError(f"{directory}: no {MANIFEST}; not a patchcore model directory")
+        target = current - 1 if to is None else int(to)
+        if target == current:
+            raise ValueError(f"{directory}: version {target} is already the current version")
+        path = _version_path(directory, target)
+        if target < 1 or not path.is_file():
+            kept = sorted(_archived_versions(directory))
+            raise ValueError(f"{directory}: version {target} cannot be restored (restorable versions: "
+                             f"{', '.join(map(str, kept)) or 'none'}; `patchcore history` lists them)")
+        old = _check_manifest(_read_json(path), path)
+        _check_files(directory, old)
+        event = {"action": "rollback", "who": who, "to_version": target, "from_version": current,
+                 "bank_size": (old.get("event") or {}).get("bank_size")}
+        manifest = {**old, "version": current + 1, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    "event": event}
+        _commit(directory, manifest, event, keep_versions)
+    return manifest

@@ -17,6 +17,7 @@ from . import persistence
 from .detector import Detector
 from .geometry import InputTransform
 from .onnx_network import OnnxNetwork
+from .settings import ModelSettings, read_settings
 from .tiling import TiledEmbedding
 
 
@@ -38,8 +39,19 @@ class _OpenVinoNetwork:
 class ExportedModel(Detector):
     """A model written by ``patchcore export``, loaded with :meth:`load`."""
 
-    def __init__(self, directory: str | os.PathLike) -> None:
+    def __init__(self, directory: str | os.PathLike, settings: ModelSettings) -> None:
         self.directory = Path(directory)
+        self.settings_ = settings
+
+    def settings(self) -> ModelSettings:
+        """The settings recorded in the export (every setting of the model it was made from)."""
+        return self.settings_
+
+    def set_params(self, **changes) -> "ExportedModel":
+        """Change settings that say how the export runs (``batch_size``, ``progress``, ``threads``
+        before loading); as :meth:`PatchCore.set_params`."""
+        self.settings_ = self.settings_.replace(**changes)
+        return self
 
     @classmethod
     def load(cls, directory: str | os.PathLike, threads: int | None = None) -> "ExportedModel":
@@ -48,23 +60,19 @@ class ExportedModel(Detector):
         if manifest["format"] != persistence.EXPORT_FORMAT_NAME:
             raise ModelFormatError(f"{directory}: a saved PatchCore model, not an export: load it with "
                                    "patchcore.load_model or PatchCore.load, or run 'patchcore export' on it")
-        model = cls(directory)
         try:
-            settings, state = manifest["settings"], manifest["state"]
-            for key, value in settings.items():
-                setattr(model, key, tuple(value) if key == "resize" and isinstance(value, list) else value)
-            model.progress = False
-            if threads is not None:
-                model.threads = threads
+            settings, unrecorded = read_settings(manifest["settings"], f"{directory}", manifest["format_version"])
+            settings = settings.replace(progress=False, **({"threads": threads} if threads is not None else {}))
+            model = cls(directory, settings)
+            model.unrecorded_settings_ = unrecorded
+            state = manifest["state"]
             model.runtime_ = state["runtime"]
-            network = (OnnxNetwork(paths["network"], model.threads) if model.runtime_ == "onnx"
-                       else _OpenVinoNetwork(paths["network"], paths["network_weights"], model.threads))
-            model.transform_ = InputTransform(model.resize, model.crop, tuple(state["mean"]), tuple(state["std"]),
-                                              stride=int(state["stride"]))
-            model.embedding_ = TiledEmbedding(network, int(state["stride"]), int(state["cell"]), model.tile_size,
-                                              model.tile_overlap, model.batch_size)
-            model.n_training_images_ = state["n_training_images"]
-            model.n_training_patches_ = state["n_training_patches"]
+            network = (OnnxNetwork(paths["network"], settings.threads) if model.runtime_ == "onnx"
+                       else _OpenVinoNetwork(paths["network"], paths["network_weights"], settings.threads))
+            model.transform_ = InputTransform(settings.resize, settings.crop, tuple(state["mean"]), tuple(state["std"]),
+                                              stride=int(state["stride"]), cell=int(state["cell"]))
+            model.embedding_ = TiledEmbedding(network, int(state["stride"]), int(state["cell"]), settings.tile_size,
+                                              settings.tile_overlap, settings.batch_size)
             model.restore_bank(tensors["memory_bank"], state)
             model.restore_decision_state(state)
             model.export_state_ = {key: state[key] for key in ("runtime", "onnx_opset", "mean", "std", "stride", "cell",
@@ -74,21 +82,18 @@ class ExportedModel(Detector):
             raise ModelFormatError(f"{directory}: export is inconsistent ({type(exc).__name__}: {exc})") from exc
         return model
 
-    def save(self, directory: str | os.PathLike | None = None) -> None:
-        """Write the export again (after :meth:`partial_fit` or new thresholds), atomically, to
-        ``directory`` (default: where it was loaded from); the network files are carried over."""
+    def save(self, directory: str | os.PathLike | None = None, event: dict | None = None,
+             keep_versions: int = persistence.KEEP_VERSIONS) -> None:
+        """Write the export again as its new version (after :meth:`partial_fit` or new thresholds),
+        atomically, to ``directory`` (default: where it was loaded from); the network files are
+        carried over. ``event`` (``action``, ``who``) is what the directory's history records."""
         directory = Path(directory) if directory is not None else self.directory
         blobs = {role: (suffix, path.read_bytes()) for role, (suffix, path) in self.network_files_.items()}
-        state = {**self.export_state_, "n_training_images": self.n_training_images_,
-                 "n_training_patches": self.n_training_patches_, **self.decision_state(), **self.bank_state()}
-        persistence.write_model(directory, self.settings(), state, {"memory_bank": self.bank_tensors()}, blobs=blobs,
-                                format_name=persistence.EXPORT_FORMAT_NAME)
-
-    def settings(self) -> dict:
-        """The runtime settings recorded in the export (as a saved model's ``settings()``)."""
-        from .export import RUNTIME_SETTINGS
-
-        return {key: getattr(self, key) for key in RUNTIME_SETTINGS if hasattr(self, key)}
+        state = {**self.export_state_, **self.decision_state(), **self.bank_state()}
+        persistence.write_model(directory, self.settings_.to_json(), state, {"memory_bank": self.bank_tensors()},
+                                blobs=blobs, format_name=persistence.EXPORT_FORMAT_NAME,
+                                event=self.version_event(event), keep_versions=keep_versions)
+        self.network_files_ = {role: (suffix, directory / path.name) for role, (suffix, path) in self.network_files_.items()}
 
     def __repr__(self) -> str:
-        return f"ExportedModel({str(self.directory)!r}, backbone={getattr(self, 'backbone', None)!r})"
+        return f"ExportedModel({str(self.directory)!r}, backbone={self.settings_.backbone!r})"

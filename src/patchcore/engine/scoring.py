@@ -62,16 +62,23 @@ def resize_bilinear(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 def network_map(patch_scores: np.ndarray, placement: Placement, sigma: float = 4.0) -> np.ndarray:
     """Patch-score grid -> smoothed map at network resolution over the part of the input that
-    shows the photo (padding cut off), float32.
+    shows the photo, float32 (content height, content width).
 
     As the paper: bilinear upsampling to the network input, Gaussian smoothing with ``sigma``
-    input pixels. Its values are distributed as the full-size map's (which only resizes it), so
-    pixel thresholds are calibrated on it at a fraction of the cost.
+    input pixels. ``patch_scores`` covers the cells that show the photo
+    (:attr:`Placement.grid_size`); the stride padding is cut off *before* smoothing, so nothing of
+    it bleeds into the photo's border (the filter mirrors the photo at its edges instead). The
+    map's values are distributed as the full-size map's (which only resizes it), so pixel
+    thresholds are calibrated on it at a fraction of the cost.
     """
-    upsampled = resize_bilinear(patch_scores, placement.input_size)
-    smoothed = gaussian_filter(upsampled, sigma=sigma) if sigma > 0 else upsampled
+    if patch_scores.shape != placement.grid_size:
+        raise ValueError(f"patch scores of shape {patch_scores.shape} do not match the photo's grid {placement.grid_size}")
+    rows, columns = patch_scores.shape
+    upsampled = resize_bilinear(patch_scores, (rows * placement.cell, columns * placement.cell))
     content_height, content_width = placement.content_size
-    return np.ascontiguousarray(smoothed[:content_height, :content_width])
+    content = upsampled[:content_height, :content_width]
+    smoothed = gaussian_filter(content, sigma=sigma, mode="reflect") if sigma > 0 else content
+    return np.ascontiguousarray(smoothed, dtype=np.float32)
 
 
 def anomaly_map(patch_scores: np.ndarray, placement: Placement, sigma: float = 4.0) -> np.ndarray:

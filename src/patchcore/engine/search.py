@@ -7,8 +7,8 @@ Two exact L2 back ends give the same neighbours (up to float rounding of ties):
   On this project's reference CPU it was 4-5x faster than faiss for PatchCore's shapes (784
   queries, a bank of 10^3-10^5 vectors of 152-1024 dims): the faiss-cpu wheel's bundled OpenBLAS
   does not recognise recent Xeons and its top-1 pass dominates; torch's GEMM was within 10%.
-  It needs no torch, so the exported runtime searches the same way. ``"torch"``, the name
-  models saved before version 0.2 carry, means the same.
+  It needs no torch, so the exported runtime searches the same way. (Model files written before
+  version 0.3 may call it ``"torch"``; :func:`~patchcore.engine.settings.read_settings` renames it.)
 - ``"faiss"``: ``faiss.IndexFlatL2``, the paper's choice.
 
 Distances are returned as L2, not squared.
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-BACKENDS = ("numpy", "faiss", "torch")
+BACKENDS = ("numpy", "faiss")
 
 
 class MemoryBankIndex:

@@ -1,13 +1,13 @@
 """The paper's baselines, SPADE and PaDiM, on the same backbone features as PatchCore.
 
-Both have the part of PatchCore's interface that :func:`patchcore.evaluate.evaluate_dataset`
+Both have the part of PatchCore's interface that :func:`patchcore.evaluation.evaluate.evaluate_dataset`
 uses: settings in the constructor, ``fit(images) -> self``, ``predict`` / ``iter_predict``
-returning :class:`patchcore.model.Prediction` objects (anomaly maps at the original image size,
-made by :func:`patchcore.scoring.anomaly_map` as PatchCore's are), ``memory_bank_`` (what the
+returning :class:`patchcore.engine.prediction.Prediction` objects (anomaly maps at the original image size,
+made by :func:`patchcore.engine.scoring.anomaly_map` as PatchCore's are), ``memory_bank_`` (what the
 model keeps, rows x width), ``backbone``, ``coreset_ratio`` (always 1.0) and ``fit_timings_``.
 They cannot be saved (no ``save``/``load``).
 
-Patch features are :class:`patchcore.features.PatchFeatures` of the chosen backbone stages, with
+Patch features are :class:`patchcore.engine.features.PatchFeatures` of the chosen backbone stages, with
 the same defaults as PatchCore (the backbone's stride-8/16 stages, neighbourhood 3), so that the
 comparison isolates the method.
 
@@ -32,7 +32,7 @@ import torch
 
 from ..engine.backbone_specs import DEFAULT_BACKBONE, IMAGENET_WEIGHTS, resolve_spec
 from ..engine.backbones import create_backbone
-from ..engine.detector import embed_batches
+from ..engine.detector import embed_batches, photo_grid
 from ..engine.embedding import feature_pipeline
 from ..engine.images import ImageSource, expand_sources
 from ..engine.prediction import ErrorHandler, Prediction
@@ -127,6 +127,7 @@ class _FeatureDetector:
             for i, name in enumerate(batch.names):
                 t0 = time.perf_counter()
                 score, grid = self._score_one(stages, features, i)
+                grid = photo_grid(grid, batch.placements[i])  # maps cover the photo's cells, not the padding
                 t1 = time.perf_counter()
                 pixel_map = None
                 if maps:

@@ -1,15 +1,17 @@
-"""The models a service serves: found in a folder, loaded once at start-up, described for clients."""
+"""The models a service serves: found in a folder, loaded at start-up and again whenever a new
+version is committed to their directory, described for clients."""
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
 from ..engine.loading import load_model
-from ..engine.persistence import EXPORT_FORMAT_NAME, MANIFEST, read_manifest
+from ..engine.persistence import EXPORT_FORMAT_NAME, MANIFEST, manifest_version, read_manifest
 from ..errors import ModelFormatError
 
 logger = logging.getLogger("patchcore.service")
@@ -28,46 +30,124 @@ def discover_models(model_dir: str | os.PathLike) -> dict[str, Path]:
     return found
 
 
-@dataclass
+def _stamp(directory: Path) -> tuple[int, int, int]:
+    """What changes whenever a writer commits a new version (the manifest is replaced by a rename)."""
+    status = os.stat(directory / MANIFEST)
+    return status.st_ino, status.st_mtime_ns, status.st_size
+
+
+@dataclass(frozen=True)
 class ServedModel:
+    """One version of a served model, as loaded from its directory."""
+
     name: str
     directory: Path
     model: Any  # a PatchCore, or an ExportedModel (which needs no torch)
     manifest: dict[str, Any]
+    #: The manifest's identity when this version was loaded (see :class:`ModelRegistry`).
+    stamp: tuple[int, int, int]
+
+    @classmethod
+    def load(cls, name: str, directory: Path, threads: int | None) -> "ServedModel":
+        """The current version in ``directory``; the manifest and the model are read from the same
+        version even while another process writes a new one."""
+        for _ in range(5):
+            before = _stamp(directory)
+            manifest = read_manifest(directory)
+            model = load_model(directory, threads=threads)
+            if _stamp(directory) == before:
+                return cls(name, directory, model, manifest, before)
+        raise ModelFormatError(f"{directory}: the model changed five times while it was being loaded; try again")
+
+    @property
+    def version(self) -> int:
+        return manifest_version(self.manifest)
 
     @property
     def threshold(self) -> float | None:
-        value = getattr(self.model, "threshold_", None)
-        return None if value is None else float(value)
+        return self.model.threshold_
 
     @property
     def pixel_threshold(self) -> float | None:
-        value = getattr(self.model, "pixel_threshold_", None)
-        return None if value is None else float(value)
+        return self.model.pixel_threshold_
 
     def describe(self) -> dict[str, Any]:
         settings = self.model.settings()
         return {
             "name": self.name,
+            "version": self.version,
             "kind": "export" if self.manifest.get("format") == EXPORT_FORMAT_NAME else "saved model",
-            "backbone": settings.get("backbone"),
-            "layers": list(self.model.backbone_spec_.layers) if hasattr(self.model, "backbone_spec_") else settings.get("layers"),
+            "backbone": settings.backbone,
+            "layers": list(self.model.backbone_spec_.layers) if hasattr(self.model, "backbone_spec_") else
+                      (list(settings.layers) if settings.layers else None),
             "memory_bank_size": int(self.model.memory_bank_.shape[0]),
+            "max_bank_size": settings.max_bank_size,
             "feature_dim": int(self.model.memory_bank_.shape[1]),
             "threshold": self.threshold,
             "pixel_threshold": self.pixel_threshold,
-            "threshold_source": getattr(self.model, "threshold_source_", None),
-            "evidence": getattr(self.model, "memory_bank_origin_", None) is not None,
+            "threshold_source": self.model.threshold_source_,
+            "evidence": self.model.memory_bank_origin_ is not None,
             "format_version": self.manifest.get("format_version"),
             "patchcore_version": self.manifest.get("patchcore_version"),
             "saved_at": self.manifest.get("saved_at"),
-            "resize": settings.get("resize"),
-            "crop": settings.get("crop"),
-            "tile_size": settings.get("tile_size"),
+            "resize": list(settings.resize) if isinstance(settings.resize, tuple) else settings.resize,
+            "crop": settings.crop,
+            "tile_size": settings.tile_size,
         }
 
 
-def load_models(model_dirs: Mapping[str, str | os.PathLike], threads: int | None = None) -> dict[str, ServedModel]:
+class ModelRegistry(Mapping[str, ServedModel]):
+    """The served models by name, always the newest version on disk.
+
+    Several processes (``serve --workers N``) may serve one model directory, and a teach-in or
+    rollback in any of them writes a new version. Each look-up compares the manifest's identity
+    (one ``stat``) with the loaded version's and, when another process committed a new version,
+    loads it before answering, so every request is scored with the current version. A version that
+    cannot be loaded (damaged, altered) is logged and the loaded one kept.
+    """
+
+    def __init__(self, served: dict[str, ServedModel], threads: int | None) -> None:
+        self._served = dict(served)
+        self._threads = threads
+        self._locks = {name: threading.Lock() for name in served}
+
+    def __getitem__(self, name: str) -> ServedModel:
+        current = self._served[name]
+        try:
+            fresh = _stamp(current.directory) == current.stamp
+        except OSError:
+            return current
+        return current if fresh else self.reload(name)
+
+    def __iter__(self):
+        return iter(self._served)
+
+    def __len__(self) -> int:
+        return len(self._served)
+
+    def lock(self, name: str) -> threading.Lock:
+        """This process's lock for changing model ``name`` (the model directory's file lock
+        serialises writers across processes)."""
+        return self._locks[name]
+
+    def reload(self, name: str) -> ServedModel:
+        """Load the version now on disk if it is not the one served (one loader at a time)."""
+        with self._locks[name]:
+            current = self._served[name]
+            if _stamp(current.directory) == current.stamp:
+                return current
+            try:
+                fresh = ServedModel.load(name, current.directory, self._threads)
+            except (ModelFormatError, OSError) as error:
+                logger.error("model %r changed on disk but cannot be loaded; still serving version %d: %s",
+                             name, current.version, error)
+                return current
+            self._served[name] = fresh
+            logger.info("model %r: now serving version %d (was %d)", name, fresh.version, current.version)
+            return fresh
+
+
+def load_models(model_dirs: Mapping[str, str | os.PathLike], threads: int | None = None) -> ModelRegistry:
     """Load each model once (saved or exported); a damaged or altered model stops start-up with a
     :class:`ModelFormatError`."""
     if not model_dirs:
@@ -76,10 +156,7 @@ def load_models(model_dirs: Mapping[str, str | os.PathLike], threads: int | None
     for name, directory in model_dirs.items():
         if not name or "/" in name:
             raise ValueError(f"invalid model name {name!r}")
-        directory = Path(directory)
-        manifest = read_manifest(directory)
-        model = load_model(directory, threads=threads)
-        model.progress = False
-        served[name] = ServedModel(name, directory, model, manifest)
-        logger.info("loaded model %r from %s (memory bank %s)", name, directory, model.memory_bank_.shape)
-    return served
+        served[name] = ServedModel.load(name, Path(directory), threads)
+        logger.info("loaded model %r version %d from %s (memory bank %s)", name, served[name].version, directory,
+                    served[name].model.memory_bank_.shape)
+    return ModelRegistry(served, threads)
