@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import dataclasses
 import io
 import shutil
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -14,7 +17,8 @@ import pytest
 from PIL import Image
 
 pytest.importorskip("fastapi")
-pytest.importorskip("httpx")
+httpx = pytest.importorskip("httpx")
+import anyio.to_thread  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
@@ -27,6 +31,7 @@ from patchcore.errors import ModelFormatError  # noqa: E402
 from patchcore.engine.images import read_image  # noqa: E402
 from patchcore.serving.app import create_app  # noqa: E402
 from patchcore.serving.models import discover_models  # noqa: E402
+from patchcore.serving.routes_dependencies import get_models  # noqa: E402
 
 BAD_INPUTS = Path(__file__).parent / "data" / "bad_inputs"
 PREDICT = "/v1/models/tiny/predict"
@@ -78,11 +83,11 @@ def client(app):
 def threshold(app):
     """Give the served model a threshold for one test (threshold_ is set by calibration elsewhere)."""
     model = app.state.models["tiny"].model
+    before = {name: getattr(model, name) for name in ("threshold_", "pixel_threshold_", "threshold_source_")}
     model.set_threshold(60.0, pixel_threshold=30.0)
     yield 60.0
-    for name in ("threshold_", "pixel_threshold_", "threshold_source_"):
-        if hasattr(model, name):
-            delattr(model, name)
+    for name, value in before.items():
+        setattr(model, name, value)
 
 
 def test_a_saved_threshold_is_served(model_dir, tmp_path):
@@ -315,41 +320,103 @@ def test_an_idle_service_with_no_queue_still_answers(small_client):
     assert response.status_code == 200 and "score" in response.json()
 
 
+class GatedModel:
+    """A served model whose ``predict`` waits at a gate the test opens: a real blocking point."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+        self.entered = threading.Event()
+        self.gate = threading.Event()
+
+    def predict(self, *args, **kwargs):
+        self.entered.set()
+        self.gate.wait()
+        return self.model.predict(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self.model, name)
+
+
+def _gate_model(app) -> GatedModel:
+    """Serve the app's model behind a gate: the registry dependency gets a registry of that model."""
+    served = app.state.models["tiny"]
+    gated = GatedModel(served.model)
+    registry = {"tiny": dataclasses.replace(served, model=gated)}
+
+    async def gated_registry() -> dict:  # async, as the real one: health must not need a thread
+        return registry
+
+    app.dependency_overrides[get_models] = gated_registry
+    return gated
+
+
+def _wait_for(condition, what: str) -> None:
+    """Wait until ``condition()`` holds (the deadline only keeps a broken service from hanging the suite)."""
+    deadline = time.monotonic() + 60
+    while not condition():
+        assert time.monotonic() < deadline, f"the service never reached the expected state: {what}"
+        time.sleep(0.01)
+
+
 def test_load_is_shed_with_503_once_the_queue_is_full(model_dir):
     """One slot, one place in the queue: a third concurrent request is refused at once, the first two finish."""
-    import time as _time
-
     app = create_app({"tiny": model_dir}, inference_slots=1, max_queue=1)
-    served = app.state.models["tiny"].model
-    release = threading.Event()
-    original = served.predict
-
-    def slow_predict(*args, **kwargs):
-        release.wait(30)
-        return original(*args, **kwargs)
-
-    served.predict = slow_predict
+    gated = _gate_model(app)
     body = (BAD_INPUTS / "gray.png").read_bytes()
     metrics = app.state.metrics
 
-    def wait_for(condition):
-        deadline = _time.monotonic() + 30
-        while not condition():
-            assert _time.monotonic() < deadline, "the service never reached the expected state"
-            _time.sleep(0.01)
-
     with TestClient(app, raise_server_exceptions=False) as client, ThreadPoolExecutor(2) as pool:
         post = lambda: client.post(PREDICT, content=body, headers={"content-type": "image/png"})  # noqa: E731
-        first = pool.submit(post)
-        wait_for(lambda: metrics.in_flight == 1)  # the slot is taken
-        second = pool.submit(post)
-        wait_for(lambda: metrics.waiting == 1)  # the queue is full
-        shed = [post() for _ in range(3)]
+        try:
+            first = pool.submit(post)
+            _wait_for(lambda: gated.entered.is_set() and metrics.in_flight == 1, "the slot is taken")
+            second = pool.submit(post)
+            _wait_for(lambda: metrics.waiting == 1, "the queue is full")
+            shed = [post() for _ in range(3)]
+        finally:
+            gated.gate.set()
         assert [r.status_code for r in shed] == [503, 503, 503]
         assert shed[0].headers["retry-after"] == "1" and "overloaded" in shed[0].json()["error"]
-        release.set()
         assert first.result().status_code == 200 and second.result().status_code == 200
         assert metrics.waiting == 0 and metrics.in_flight == 0
+
+
+def test_health_and_metrics_answer_while_scoring_holds_every_slot_and_thread(model_dir):
+    """More scoring requests than inference slots and web thread-pool tokens together are held at a
+    blocking point; /healthz and /metrics still answer, before any of them is released. (When the
+    waiting requests held threads, the 41st took the last token and health probes hung.)"""
+    app = create_app({"tiny": model_dir}, inference_slots=1, max_queue=100)
+    gated = _gate_model(app)
+    body = (BAD_INPUTS / "gray.png").read_bytes()
+    metrics = app.state.metrics
+
+    async def scenario() -> None:
+        tokens = anyio.to_thread.current_default_thread_limiter().total_tokens
+        held = 1 + tokens + 3  # one in the slot, more waiting than there are threads
+        assert held - 1 <= 100
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://service") as http:
+            posts = [asyncio.create_task(http.post(PREDICT, content=body, headers={"content-type": "image/png"}))
+                     for _ in range(held)]
+            try:
+                deadline = time.monotonic() + 60
+                while not (gated.entered.is_set() and metrics.in_flight == 1 and metrics.waiting == held - 1):
+                    assert time.monotonic() < deadline, f"{held} scoring requests were never all held"
+                    await asyncio.sleep(0.01)
+                health = await http.get("/healthz")
+                scraped = await http.get("/metrics")
+                assert not any(post.done() for post in posts)  # all still held
+            finally:
+                gated.gate.set()
+            answers = await asyncio.gather(*posts)
+        assert health.status_code == 200 and health.json()["status"] == "ok"
+        assert scraped.status_code == 200
+        assert f"patchcore_inference_queue {held - 1}.0" in scraped.text
+        assert "patchcore_inferences_in_flight 1.0" in scraped.text
+        assert [answer.status_code for answer in answers] == [200] * held
+
+    asyncio.run(scenario())
+    assert metrics.waiting == 0 and metrics.in_flight == 0
 
 
 # -- concurrency ----------------------------------------------------------------------------------

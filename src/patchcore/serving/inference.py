@@ -1,16 +1,21 @@
-"""Scoring uploads within bounded resources: a few inference slots, a bounded wait, one decode each.
+"""Scoring uploads within bounded resources: a few inference slots, a bounded queue, one decode each.
 
 At most ``slots`` images are decoded and scored at once, so memory stays bounded. A request that
 finds a free slot runs at once; otherwise it waits, unless ``max_queue`` requests are already
 waiting, and then it is refused (503 with ``Retry-After``) instead of piling up.
 
-The network runs on a fixed pool of ``slots`` threads only: every thread that calls into torch
-keeps its own OpenMP team and oneDNN scratch memory, so running it on the web server's many pool
-threads made the service's memory grow with the number of clients (load test: 1.1 GiB for 50).
+The work runs on a fixed pool of ``slots`` threads only, and a waiting request holds no thread: it
+is a job in that pool's queue that the web handler awaits. So scoring never takes the web server's
+thread-pool tokens, and ``/healthz`` or ``/metrics`` answer however many requests wait (with
+blocking waits, 40 waiting requests held every token and health probes hung). One pool also keeps
+memory flat: every thread that calls into torch keeps its own OpenMP team and oneDNN scratch
+memory, so running it on the web server's many threads made memory grow with the number of
+clients (load test: 1.1 GiB for 50).
 """
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -46,25 +51,34 @@ class InferenceRunner:
         if max_queue < 0:
             raise ValueError(f"max_queue must not be negative, got {max_queue}")
         self.metrics = metrics
+        self.slots = slots
         self.max_queue = max_queue
         self.max_image_pixels = max_image_pixels
         self.max_input_pixels = max_input_pixels
         self.max_map_side = max_map_side
-        self._slots = threading.BoundedSemaphore(slots)
-        self._lock = threading.Lock()
+        self._admitted = 0  # scoring now or waiting for a slot
+        self._lock = threading.Lock()  # guards _admitted and the metrics' in_flight and waiting
         self._pool = ThreadPoolExecutor(max_workers=slots, thread_name_prefix="patchcore-inference")
 
-    def _take_slot(self) -> None:
-        if self._slots.acquire(blocking=False):
-            return
+    def _admit(self) -> None:
+        """Take a free slot or a place in the queue; 503 when every slot and place is taken."""
         with self._lock:
-            if self.metrics.waiting >= self.max_queue:
+            if self._admitted >= self.slots + self.max_queue:
                 raise ServiceError(503, "the service is overloaded; retry shortly", {"Retry-After": "1"})
+            self._admitted += 1
             self.metrics.waiting += 1
-        try:
-            self._slots.acquire()
-        finally:
-            with self._lock:
+
+    def _started(self) -> None:
+        with self._lock:
+            self.metrics.waiting -= 1
+            self.metrics.in_flight += 1
+
+    def _left(self, started: bool) -> None:
+        with self._lock:
+            self._admitted -= 1
+            if started:
+                self.metrics.in_flight -= 1
+            else:
                 self.metrics.waiting -= 1
 
     def decode(self, served: ServedModel, data: bytes, name: str):
@@ -87,15 +101,24 @@ class InferenceRunner:
         """The answer to an image that cannot be used: 413 when too large, else 422."""
         return ServiceError(413 if isinstance(error, TooManyPixels) else 422, f"cannot use the image: {error.problem}")
 
-    def score(self, served: ServedModel, data: bytes, name: str, want_map: bool, want_overlay: bool,
-              want_mask: bool, evidence: int = 0) -> dict[str, Any]:
+    async def score(self, served: ServedModel, data: bytes, name: str, want_map: bool, want_overlay: bool,
+                    want_mask: bool, evidence: int = 0) -> dict[str, Any]:
         """Decode ``data`` once, score it with ``served``, render what was asked for; with ``evidence``,
-        that many anomalous patches each beside its nearest normal patch of the training images."""
+        that many anomalous patches each beside its nearest normal patch of the training images.
+
+        Waits for a slot without holding a thread; 503 at once when the queue is full."""
         queued = time.perf_counter()
-        self._take_slot()
+        self._admit()
+        job = self._pool.submit(self._score_now, served, data, name, want_map, want_overlay, want_mask, evidence, queued)
+        # A job cancelled before it started (its client went away) gives its place back here.
+        job.add_done_callback(lambda done: self._left(started=False) if done.cancelled() else None)
+        return await asyncio.wrap_future(job)
+
+    def _score_now(self, served: ServedModel, data: bytes, name: str, want_map: bool, want_overlay: bool,
+                   want_mask: bool, evidence: int, queued: float) -> dict[str, Any]:
+        """:meth:`score`'s work, on one of the pool's threads (its slot)."""
+        self._started()
         try:
-            with self._lock:
-                self.metrics.in_flight += 1
             timings = {"queue": time.perf_counter() - queued}
             t0 = time.perf_counter()
             photo = self.decode(served, data, name)
@@ -105,7 +128,7 @@ class InferenceRunner:
             if evidence and getattr(served.model, "memory_bank_origin_", None) is None:
                 raise ServiceError(422, f"model {served.name!r} does not record where its memory bank came from "
                                         "(saved by an older patchcore): it cannot give evidence")
-            prediction = self._pool.submit(served.model.predict, [photo], need_map, None, False, evidence).result()[0]
+            prediction = served.model.predict([photo], need_map, None, False, evidence)[0]
             for stage in ("backbone", "search", "map"):
                 timings[stage] = prediction.timings.get(stage, 0.0)
             t0 = time.perf_counter()
@@ -133,6 +156,4 @@ class InferenceRunner:
             self.metrics.count_inference(served.name, "bad_image")
             raise self.refusal(exc) from None
         finally:
-            with self._lock:
-                self.metrics.in_flight -= 1
-            self._slots.release()
+            self._left(started=True)
