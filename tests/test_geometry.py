@@ -111,3 +111,23 @@ def test_tiled_anomaly_map_matches_the_untiled_one_away_from_tile_borders(wide_t
     assert np.corrcoef(a, b)[0, 1] > 0.95
     assert np.median(np.abs(a - b)) < 0.05 * (a.max() - a.min())
     assert stitched.score == pytest.approx(expected.score, rel=0.1)
+
+
+def test_cells_wholly_in_the_stride_padding_never_enter_the_bank_the_scores_the_maps_or_the_evidence():
+    # 72x88 photos at their own size: lite0's stride 16 pads them to 80x96, a 10x12 grid of 8-px
+    # cells of which the last row and column show only repeated border pixels.
+    rng = np.random.default_rng(5)
+    train = [product_image(rng, (72, 88)) for _ in range(6)]
+    model = PatchCore(**FAST, resize=None, coreset_ratio=0.5).fit(train)
+    assert model.n_training_patches_ == 6 * 9 * 11
+    assert model.memory_bank_origin_[:, 1].max() <= 8 and model.memory_bank_origin_[:, 2].max() <= 10
+    border_defect = product_image(rng, (72, 88), defect=(62, 78, 10))  # the bottom-right corner, to the edge
+    clean = product_image(rng, (72, 88))
+    found, calm = model.predict([border_defect, clean], evidence=2)
+    assert found.patch_scores.shape == calm.patch_scores.shape == (9, 11)
+    assert found.anomaly_map.shape == (72, 88)
+    # With the default smoothing the defect keeps its place on the photo's edge and its strength.
+    row, column = np.unravel_index(np.argmax(found.anomaly_map), found.anomaly_map.shape)
+    assert row >= 60 and column >= 76
+    assert found.score > 1.5 * calm.score
+    assert all(item.row <= 8 and item.column <= 10 for item in found.evidence + calm.evidence)

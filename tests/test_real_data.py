@@ -31,3 +31,19 @@ def test_elpv_demo_pipeline_separates_solar_cells_well_above_chance(tmp_path):
     assert result["image_auroc"] >= 0.85
     assert (tmp_path / "elpv-mono" / "report.html").is_file()
     assert np.isfinite(result["image_f1_threshold"])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not MVTEC_BOTTLE.is_dir(), reason=f"MVTec AD bottle data not found at {MVTEC_BOTTLE}")
+def test_auto_search_gives_the_image_scores_of_exact_search_on_a_bank_above_the_exact_limit():
+    from patchcore.engine.approximate_search import ApproximateIndex
+
+    train = sorted((MVTEC_BOTTLE / "train" / "good").glob("*.png"))[:24]
+    test = [p for kind in ("good", "broken_small", "contamination")
+            for p in sorted((MVTEC_BOTTLE / "test" / kind).glob("*.png"))[:5]]
+    model = PatchCore(coreset_ratio=0.1).fit(train)  # the defaults otherwise: 24 x 2,304 patches -> 5,530 vectors
+    assert isinstance(model.index_, ApproximateIndex) and model.memory_bank_.shape[0] > 4096
+    with_hnsw = [p.score for p in model.predict(test, maps=False)]
+    model.set_params(search_backend="numpy")._set_memory_bank(model.memory_bank_)
+    exact = [p.score for p in model.predict(test, maps=False)]
+    np.testing.assert_allclose(with_hnsw, exact, rtol=1e-6, atol=0)

@@ -108,3 +108,72 @@ def test_the_service_takes_good_images_from_this_machine_only(line, tmp_path):
         assert after["is_anomalous"] is False and after["score"] < before["score"]
         assert local.post("/v1/models/m/predict", content=png(defect), headers={"content-type": "image/png"}).json()["is_anomalous"]
     assert load_model(tmp_path / "m").teach_in_[-1]["images"] == 4  # saved to the model directory
+
+
+def test_teach_in_on_an_export_adds_exactly_what_it_adds_on_the_saved_model(line, tmp_path):
+    from patchcore.engine.export import export_model
+
+    model, variation, _ = line
+    model.save(tmp_path / "saved")
+    export_model(model, tmp_path / "export")
+    saved, exported = load_model(tmp_path / "saved"), load_model(tmp_path / "export")
+    assert exported.settings() == saved.settings()  # every setting, the coreset's included
+    saved.partial_fit(variation[:2])
+    exported.partial_fit(variation[:2])
+    assert saved.teach_in_[-1]["added_to_bank"] == exported.teach_in_[-1]["added_to_bank"] > 0
+    assert saved.memory_bank_.shape == exported.memory_bank_.shape
+    np.testing.assert_allclose(exported.memory_bank_, saved.memory_bank_, atol=1e-3)  # ONNX vs torch features
+
+
+def test_teach_in_honours_max_bank_size(line):
+    import copy
+
+    from patchcore.engine.detector import BankFullError
+
+    model, variation, _ = line
+    room = 3
+    capped = copy.copy(model).set_params(max_bank_size=model.memory_bank_.shape[0] + room)
+    capped.partial_fit(variation[:2])
+    assert capped.memory_bank_.shape[0] == model.memory_bank_.shape[0] + room
+    assert capped.teach_in_[-1]["capped"] is True and capped.teach_in_[-1]["added_to_bank"] == room
+    # The ones kept are the farthest: greedy order, the same as an uncapped teach-in's first picks.
+    free = copy.copy(model).partial_fit(variation[:2])
+    np.testing.assert_array_equal(capped.memory_bank_, free.memory_bank_[: capped.memory_bank_.shape[0]])
+    with pytest.raises(BankFullError, match=r"memory bank is full .*max_bank_size"):
+        capped.partial_fit(variation[2:3])
+
+
+def test_an_old_export_without_its_coreset_ratio_is_not_taught_with_a_guessed_one(line, tmp_path):
+    from patchcore.engine.export import export_model
+
+    model, variation, _ = line
+    export_model(model, tmp_path / "export")
+    manifest_path = tmp_path / "export" / "patchcore.json"
+    manifest = json.loads(manifest_path.read_text())
+    # What patchcore 0.2 wrote: only the settings scoring needs, format version 2.
+    scoring_only = ("backbone", "layers", "num_neighbours", "reweight", "resize", "crop", "tile_size", "tile_overlap",
+                    "smoothing_sigma", "search_backend", "batch_size", "seed", "threads")
+    manifest["settings"] = {key: manifest["settings"][key] for key in scoring_only}
+    manifest["settings"]["search_backend"] = "torch"  # the old name of numpy's exact search
+    manifest["format_version"] = 2
+    manifest_path.write_text(json.dumps(manifest))
+    old = load_model(tmp_path / "export")
+    assert old.settings().search_backend == "numpy"
+    assert set(old.unrecorded_settings_) >= {"coreset_ratio", "projection_dim", "max_bank_size"}
+    with pytest.raises(ValueError, match="does not record its coreset ratio"):
+        old.partial_fit(variation[:1])
+    old.partial_fit(variation[:1], coreset_ratio=0.25)  # given explicitly, it is used
+    assert old.teach_in_[-1]["added_to_bank"] > 0
+
+
+def test_settings_in_a_model_file_must_be_complete_and_known(line, tmp_path):
+    model, _, _ = line
+    model.save(tmp_path / "m")
+    manifest_path = tmp_path / "m" / "patchcore.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["settings"]["coreset_rato"] = manifest["settings"].pop("coreset_ratio")
+    manifest_path.write_text(json.dumps(manifest))
+    from patchcore.errors import ModelFormatError
+
+    with pytest.raises(ModelFormatError, match="missing coreset_ratio; unknown coreset_rato"):
+        load_model(tmp_path / "m")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .options import SkippedImages, add_false_positive_options, add_skip_option, ratio
+from .options import SkippedImages, add_false_positive_options, add_skip_option, cli_event, ratio
 
 
 def add_parser(commands) -> None:
@@ -26,17 +26,22 @@ def add_parser(commands) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..engine.loading import load_model
+    from ..engine.persistence import model_lock, read_manifest
 
-    model = load_model(args.model)
-    before = model.memory_bank_.shape[0]
-    model.partial_fit(args.good, on_error=SkippedImages() if args.skip_bad_images else None,
-                      coreset_ratio=args.coreset_ratio)
-    if args.recalibrate:
-        model.calibrate_threshold(args.recalibrate, args.max_fpr, args.max_pixel_fpr)
-    model.save(args.model)
+    with model_lock(args.model):  # no other writer (a service's teach-in, a rollback) in between
+        model = load_model(args.model)
+        before = model.memory_bank_.shape[0]
+        model.partial_fit(args.good, on_error=SkippedImages() if args.skip_bad_images else None,
+                          coreset_ratio=args.coreset_ratio)
+        if args.recalibrate:
+            model.calibrate_threshold(args.recalibrate, args.max_fpr, args.max_pixel_fpr)
+        model.save(args.model, event=cli_event("teach-in"))
+        version = read_manifest(args.model)["version"]
     added = model.teach_in_[-1]
     print(f"added {added['images']} good images ({added['patches']} patches): memory bank {before} -> "
-          f"{model.memory_bank_.shape[0]} vectors in {added['seconds']:.1f} s; saved to {args.model}"
+          f"{model.memory_bank_.shape[0]} vectors in {added['seconds']:.1f} s"
+          + (" (stopped at max_bank_size)" if added["capped"] else "")
+          + f"; saved to {args.model} as version {version} ('patchcore rollback {args.model}' undoes it)"
           + (f"; thresholds set again: {model.threshold_:.4f} / {model.pixel_threshold_:.4f}" if args.recalibrate else
              "; thresholds kept"))
     return 0

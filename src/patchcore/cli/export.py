@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from .options import cli_event
+
 
 def add_parser(commands) -> None:
     parser = commands.add_parser(
@@ -23,7 +25,7 @@ def run(args: argparse.Namespace) -> int:
     from ..engine.model import PatchCore
 
     model = PatchCore.load(args.model)
-    export_model(model, args.output, args.format)
+    export_model(model, args.output, args.format, event=cli_event("export"))
     print(f"exported {args.model} as {args.format} to {args.output} (memory bank {model.memory_bank_.shape[0]} x "
           f"{model.memory_bank_.shape[1]}; run it with: patchcore predict {args.output} IMAGES -o OUT)")
     return 0

@@ -27,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
     if args.calibrate:
         model.calibrate_threshold(args.calibrate, args.max_fpr, args.max_pixel_fpr)
         print(f"threshold {model.threshold_:.4f}, pixel threshold {model.pixel_threshold_:.4f} ({model.threshold_source_})")
-    model.save(args.output)
+    model.save(args.output, event=cli_event("fit"))
     timings = ", ".join(f"{k} {v:.1f}s" for k, v in model.fit_timings_.items())
     features_mib = model.n_training_patches_ * model.memory_bank_.shape[1] * 4 / 2**20
     per_image = model.n_training_patches_ / max(1, model.n_training_images_)

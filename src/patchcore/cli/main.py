@@ -1,4 +1,4 @@
-"""The ``patchcore`` command: fit, predict, add, export, demo, evaluate, experiment, serve, backbones."""
+"""The ``patchcore`` command: fit, predict, add, history, rollback, export, demo, evaluate, experiment, serve, backbones."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 from .. import __version__
 from ..engine.backbone_specs import REGISTRY
 from ..errors import PatchCoreError
-from . import add, demo, evaluate, experiment, export, fit, fit_many, predict, serve
+from .interrupts import Interrupted, StopOnSignals
 
 #: Packages of the ``train`` extra: a command that needs one says how to install it.
 TRAINING_MODULES = {"torch", "torchvision", "timm", "onnx", "sklearn", "matplotlib", "huggingface_hub", "elpv_dataset"}
@@ -22,6 +22,10 @@ def _backbones(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # The commands are imported here, not on import of this module: main() has its signal
+    # handlers in place first, so that Ctrl-C while they load (half a second) stops cleanly too.
+    from . import add, demo, evaluate, experiment, export, fit, fit_many, history, predict, rollback, serve
+
     parser = argparse.ArgumentParser(
         prog="patchcore",
         description="PatchCore anomaly detection: fit on images of good products, then score new images "
@@ -29,21 +33,42 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"patchcore {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for command in (fit, predict, add, export, fit_many, demo, evaluate, experiment, serve):
+    for command in (fit, predict, add, history, rollback, export, fit_many, demo, evaluate, experiment, serve):
         command.add_parser(commands)
     backbones = commands.add_parser("backbones", help="list the known backbones", description="List the known backbones.")
     backbones.set_defaults(handler=_backbones)
     return parser
 
 
+#: Commands that stop on SIGINT and SIGTERM by themselves (the server shuts down gracefully).
+OWN_SIGNAL_HANDLING = {"serve"}
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run one command; its exit status. SIGINT or SIGTERM during a command stops it cleanly: a
+    one-line message, temporary files removed, and the process ends at once with status 130 or
+    143 (:mod:`.interrupts`)."""
+    with StopOnSignals("patchcore") as stop:
+        try:
+            args = build_parser().parse_args(argv)
+            stop.command = f"patchcore {args.command}"
+            if args.command in OWN_SIGNAL_HANDLING:
+                stop.release()
+            return _run(args)
+        except Interrupted:
+            stop.finish()
+
+
+def _run(args: argparse.Namespace) -> int:
+    """The command's handler, with expected errors as one line on stderr and status 2."""
     try:
         return args.handler(args)
+    except Interrupted:
+        raise
     except (PatchCoreError, ValueError, OSError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # serve, or a KeyboardInterrupt raised by other code
         print("interrupted", file=sys.stderr)
         return 130
     except ModuleNotFoundError as error:

@@ -8,6 +8,8 @@ deploy the same defaults.
 from __future__ import annotations
 
 import argparse
+import getpass
+import os
 import sys
 
 from ..engine.backbone_specs import REGISTRY
@@ -131,6 +133,9 @@ def add_model_options(parser: argparse.ArgumentParser, methods: bool = False) ->
                        help="where the network runs: auto (a GPU when torch sees one, else the CPU with ONNX Runtime), "
                             "cpu or cuda (default: auto)")
     group.add_argument("--threads", type=positive_int, default=None, help="CPU threads for the network (default: every core)")
+    group.add_argument("--scratch-dir", default=None, metavar="DIR",
+                       help="folder for the training patches while fitting (default: the system's temporary folder; "
+                            "a warning says when that is RAM-backed)")
     if methods:
         group.add_argument("--method", choices=("patchcore", "spade", "padim"), default="patchcore",
                            help="detector: patchcore, or the paper's baselines spade / padim on the same features "
@@ -139,7 +144,7 @@ def add_model_options(parser: argparse.ArgumentParser, methods: bool = False) ->
 
 #: Command-line option (argparse destination) -> PatchCore setting.
 _OPTION_SETTINGS = ("backbone", "layers", "weights", "coreset_ratio", "max_bank_size", "feature_width", "neighbourhood", "resize", "crop",
-                    "tile_size", "tile_overlap", "search_backend", "seed", "batch_size", "device", "threads")
+                    "tile_size", "tile_overlap", "search_backend", "seed", "batch_size", "device", "threads", "scratch_dir")
 
 
 def model_settings_from_args(args: argparse.Namespace) -> dict:
@@ -165,6 +170,16 @@ def model_from_args(args: argparse.Namespace, progress: bool = True):
     from ..engine.model import PatchCore  # torch: only for the commands that fit
 
     return PatchCore(progress=progress, **settings)
+
+
+def cli_event(action: str) -> dict:
+    """What a model's history records of a change made from the command line: who is ``cli``, and
+    the operating-system user who ran it."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no user name known to the system (containers)
+        user = str(os.getuid()) if hasattr(os, "getuid") else "unknown"
+    return {"action": action, "who": "cli", "user": user}
 
 
 class SkippedImages:

@@ -72,7 +72,7 @@ def export_model(model, directory: str | os.PathLike, format: str = "onnx", even
         xml, weights = _openvino_ir(graph)
         blobs = {"network": (".xml", xml), "network_weights": (".bin", weights)}
     spec = model.backbone_spec_
-    settings = model.settings().replace(layers=tuple(spec.layers)).to_json()
+    settings = model.settings().to_json()
     state = {
         "runtime": format,
         "onnx_opset": OPSET,
@@ -81,6 +81,7 @@ def export_model(model, directory: str | os.PathLike, format: str = "onnx", even
         "stride": model.network_.stride,
         "cell": model.network_.cell,
         "feature_width": model.network_.width,
+        "layers": list(spec.layers),
         **model.decision_state(),
         **model.bank_state(),
     }

@@ -193,6 +193,10 @@ class PatchCore(BaseEstimator, Detector):
         self.embedding_.network = self.network_.numpy
         return "torch"
 
+    def feature_layers(self) -> list[str]:
+        """The backbone stages the patch features come from (the backbone's defaults resolved)."""
+        return list(self.backbone_spec_.layers)
+
     # -- fitting ----------------------------------------------------------------------------
 
     def fit(self, images: ImageSource | Iterable[ImageSource], on_error: ErrorHandler | None = None) -> "PatchCore":

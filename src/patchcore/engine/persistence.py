@@ -330,10 +330,10 @@ def history(directory: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 def rollback(directory: str | os.PathLike, to: int | None = None, who: str = "library",
-             keep_versions: int = KEEP_VERSIONS) -> dict[str, Any]:
+             keep_versions: int = KEEP_VERSIONS, details: dict[str, Any] | None = None) -> dict[str, Any]:
     """Make version ``to`` (default: the one before the current) the model again, atomically, as a
     new version whose files and state are exactly those of ``to`` (scores equal bit for bit).
-    Returns the new manifest."""
+    ``who`` and ``details`` go into the history. Returns the new manifest."""
     directory = Path(directory)
     with model_lock(directory):
         current = _current_version(directory)
@@ -349,7 +349,7 @@ def rollback(directory: str | os.PathLike, to: int | None = None, who: str = "li
                              f"{', '.join(map(str, kept)) or 'none'}; `patchcore history` lists them)")
         old = _check_manifest(_read_json(path), path)
         _check_files(directory, old)
-        event = {"action": "rollback", "who": who, "to_version": target, "from_version": current,
+        event = {**(details or {}), "action": "rollback", "who": who, "to_version": target, "from_version": current,
                  "bank_size": (old.get("event") or {}).get("bank_size")}
         manifest = {**old, "version": current + 1, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                     "event": event}

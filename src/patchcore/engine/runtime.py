@@ -47,6 +47,10 @@ class ExportedModel(Detector):
         """The settings recorded in the export (every setting of the model it was made from)."""
         return self.settings_
 
+    def feature_layers(self) -> list[str]:
+        """The backbone stages the patch features come from (exports before 0.3 kept them in the settings)."""
+        return list(self.export_state_.get("layers") or self.settings_.layers or [])
+
     def set_params(self, **changes) -> "ExportedModel":
         """Change settings that say how the export runs (``batch_size``, ``progress``, ``threads``
         before loading); as :meth:`PatchCore.set_params`."""
@@ -76,7 +80,7 @@ class ExportedModel(Detector):
             model.restore_bank(tensors["memory_bank"], state)
             model.restore_decision_state(state)
             model.export_state_ = {key: state[key] for key in ("runtime", "onnx_opset", "mean", "std", "stride", "cell",
-                                                               "feature_width") if key in state}
+                                                               "feature_width", "layers") if key in state}
             model.network_files_ = {role: (path.suffix, path) for role, path in paths.items()}
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelFormatError(f"{directory}: export is inconsistent ({type(exc).__name__}: {exc})") from exc

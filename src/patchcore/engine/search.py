@@ -39,9 +39,9 @@ class MemoryBankIndex:
             self._faiss.add(self.memory_bank)
         else:
             self._centre = self.memory_bank.mean(axis=0, dtype=np.float64).astype(np.float32)
-            bank = self.memory_bank - self._centre
-            self._bank_t = np.ascontiguousarray(bank.T)  # (D, N): each block is a contiguous column slice
-            self._bank_norms = np.einsum("ij,ij->i", bank, bank)
+            self._bank_centred = self.memory_bank - self._centre
+            self._bank_t = np.ascontiguousarray(self._bank_centred.T)  # (D, N): each block is a contiguous column slice
+            self._bank_norms = np.einsum("ij,ij->i", self._bank_centred, self._bank_centred)
 
     @property
     def size(self) -> int:
@@ -71,5 +71,8 @@ class MemoryBankIndex:
                 indices = np.concatenate([best_indices, indices], axis=1)
             order = np.argsort(values, axis=1, kind="stable")[:, :k]
             best_values, best_indices = np.take_along_axis(values, order, axis=1), np.take_along_axis(indices, order, axis=1)
-        squared = best_values + np.einsum("ij,ij->i", queries, queries)[:, None]
-        return np.sqrt(np.maximum(squared, 0.0)), best_indices
+        # The expanded form chose the neighbours; their distances are measured directly, which is
+        # more precise and independent of how queries are batched (a patch re-checked on its own
+        # gets the same score, to the bit, as in a whole image's search).
+        differences = queries[:, None, :] - self._bank_centred[best_indices]
+        return np.sqrt(np.einsum("ijk,ijk->ij", differences, differences)), best_indices

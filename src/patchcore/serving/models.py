@@ -78,8 +78,7 @@ class ServedModel:
             "version": self.version,
             "kind": "export" if self.manifest.get("format") == EXPORT_FORMAT_NAME else "saved model",
             "backbone": settings.backbone,
-            "layers": list(self.model.backbone_spec_.layers) if hasattr(self.model, "backbone_spec_") else
-                      (list(settings.layers) if settings.layers else None),
+            "layers": self.model.feature_layers(),
             "memory_bank_size": int(self.model.memory_bank_.shape[0]),
             "max_bank_size": settings.max_bank_size,
             "feature_dim": int(self.model.memory_bank_.shape[1]),
