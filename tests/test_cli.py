@@ -126,17 +126,31 @@ def test_ray_options_without_ray_say_how_to_install_it(tmp_path, product_images)
     assert "pip install 'patchcore[ray]'" in result.stderr
 
 
-def test_serve_passes_queue_and_teach_in_options_to_the_service(tmp_path, monkeypatch):
+def test_serve_creates_a_private_teach_in_token_file_and_passes_the_teach_in_options(tmp_path, monkeypatch, capsys):
+    import stat
+
     import patchcore.serving.server as server
+    from patchcore.serving.teach_tokens import read_tokens
 
     calls = []
     monkeypatch.setattr(server, "serve", lambda model, **options: calls.append((model, options)))
-    assert main(["serve", str(tmp_path), "--max-queue", "0", "--allow-remote-teach-in", "--port", "9001"]) == 0
-    assert main(["serve", str(tmp_path)]) == 0
-    (model, first), (_, default) = calls
-    assert model == str(tmp_path) and first["port"] == 9001
-    assert first["max_queue"] == 0 and first["remote_teaching"] is True
-    assert default["max_queue"] == 64 and default["remote_teaching"] is False
+    tokens = tmp_path / "config" / "tokens"
+    assert main(["serve", str(tmp_path), "--max-queue", "0", "--port", "9001", "--teach-token-file", str(tokens),
+                 "--allow-origin", "https://qc.example", "--teach-max-images", "3"]) == 0
+    assert f"needs a token from {tokens} (created now" in capsys.readouterr().out
+    assert stat.S_IMODE(tokens.stat().st_mode) == 0o600 and list(read_tokens(tokens).values()) == ["supervisor"]
+    assert main(["serve", str(tmp_path), "--teach-token-file", str(tokens)]) == 0
+    assert "created now" not in capsys.readouterr().out  # the same file, the same token
+    assert main(["serve", str(tmp_path), "--no-teach-in"]) == 0
+    (model, first), (_, second), (_, off) = calls
+    assert model == str(tmp_path) and first["port"] == 9001 and first["max_queue"] == 0
+    assert first["teach_token_file"] == second["teach_token_file"] == str(tokens)
+    assert first["allowed_origins"] == ["https://qc.example"] and first["teach_max_images"] == 3
+    assert off["teach_token_file"] is None and off["max_queue"] == 64
+    assert main(["teach-token", "alice", "--file", str(tokens)]) == 0
+    token = capsys.readouterr().out.splitlines()[-1]
+    assert read_tokens(tokens)[token] == "alice"
+    assert main(["teach-token", "alice", "--file", str(tokens)]) == 2  # one token per name
 
 
 def test_max_bank_size_takes_a_count_or_none_for_no_cap():

@@ -79,37 +79,6 @@ def test_the_add_command_teaches_saved_and_exported_models(line, tmp_path):
         assert taught.predict(defect, maps=False)[0].is_anomalous is True
 
 
-def test_the_service_takes_good_images_from_this_machine_only(line, tmp_path):
-    import io
-
-    from fastapi.testclient import TestClient
-
-    from patchcore.serving.app import create_app
-
-    model, variation, defect = line
-    model.save(tmp_path / "m")
-    app = create_app({"m": tmp_path / "m"})
-
-    def png(array):
-        buffer = io.BytesIO()
-        Image.fromarray(array).save(buffer, format="PNG")
-        return buffer.getvalue()
-
-    files = [("file", (f"{i}.png", png(image), "image/png")) for i, image in enumerate(variation[:-1])]
-    with TestClient(app, client=("10.1.2.3", 5000)) as remote:
-        refused = remote.post("/v1/models/m/good", files=files)
-        assert refused.status_code == 403 and "this machine only" in refused.json()["error"]
-    with TestClient(app, client=("127.0.0.1", 5000)) as local:
-        before = local.post("/v1/models/m/predict", content=png(variation[-1]), headers={"content-type": "image/png"}).json()
-        assert before["is_anomalous"] is True
-        answer = local.post("/v1/models/m/good", files=files).json()
-        assert answer["images"] == 4 and answer["added_to_bank"] > 0
-        after = local.post("/v1/models/m/predict", content=png(variation[-1]), headers={"content-type": "image/png"}).json()
-        assert after["is_anomalous"] is False and after["score"] < before["score"]
-        assert local.post("/v1/models/m/predict", content=png(defect), headers={"content-type": "image/png"}).json()["is_anomalous"]
-    assert load_model(tmp_path / "m").teach_in_[-1]["images"] == 4  # saved to the model directory
-
-
 def test_teach_in_on_an_export_adds_exactly_what_it_adds_on_the_saved_model(line, tmp_path):
     from patchcore.engine.export import export_model
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .options import SkippedImages, add_false_positive_options, add_model_options, add_skip_option, model_from_args
+from .options import (SkippedImages, add_false_positive_options, add_model_options, add_skip_option, cli_event,
+                      model_from_args)
 
 
 def add_parser(commands) -> None:

@@ -5,6 +5,10 @@ from __future__ import annotations
 import argparse
 import math
 
+from ..serving.teach_in import DEFAULT_MAX_IMAGES, DEFAULT_MAX_MEGAPIXELS
+from ..serving.teach_tokens import DEFAULT_TOKEN_FILE, ensure_token_file
+from .options import positive_int
+
 DEFAULT_MAX_UPLOAD_MB = 20.0
 
 
@@ -23,8 +27,18 @@ def add_parser(commands) -> None:
     parser.add_argument("--threads", type=int, default=None, help="CPU threads of each model's network (default: every core)")
     parser.add_argument("--max-queue", type=int, default=64,
                         help="requests that may wait for a free scoring slot; more are refused at once with 503 (default: 64)")
-    parser.add_argument("--allow-remote-teach-in", action="store_true",
-                        help="accept good images (POST /v1/models/{name}/good) from other machines too (default: this machine only)")
+    teach = parser.add_argument_group("teach-in (POST /v1/models/{name}/good and .../rollback change the model)")
+    teach.add_argument("--teach-token-file", default=None, metavar="FILE",
+                       help="the teach-in tokens, 'NAME TOKEN' per line, readable by their owner only; created with "
+                            f"one token at first start (default: {DEFAULT_TOKEN_FILE})")
+    teach.add_argument("--no-teach-in", action="store_true", help="refuse teach-in and rollback altogether")
+    teach.add_argument("--allow-origin", action="append", default=[], metavar="URL",
+                       help="a web origin besides the service's own whose pages may teach, e.g. the public address of "
+                            "a reverse proxy that rewrites Host (repeatable)")
+    teach.add_argument("--teach-max-images", type=positive_int, default=DEFAULT_MAX_IMAGES,
+                       help=f"images one teach-in request may carry (default: {DEFAULT_MAX_IMAGES})")
+    teach.add_argument("--teach-max-megapixels", type=float, default=DEFAULT_MAX_MEGAPIXELS,
+                       help=f"decoded megapixels one teach-in request may carry (default: {DEFAULT_MAX_MEGAPIXELS:g})")
     parser.set_defaults(handler=run)
 
 
@@ -35,7 +49,18 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--max-upload-mb must be positive")
     if args.max_queue < 0:
         raise ValueError("--max-queue must be 0 or more")
+    if args.teach_max_megapixels <= 0:
+        raise ValueError("--teach-max-megapixels must be positive")
+    token_file = None
+    if args.no_teach_in:
+        print("teach-in: off (--no-teach-in)", flush=True)
+    else:
+        token_file, new_token = ensure_token_file(args.teach_token_file or DEFAULT_TOKEN_FILE)
+        print(f"teach-in: needs a token from {token_file}" + (" (created now, with one token named 'supervisor')"
+              if new_token else "") + "; add one for each person with 'patchcore teach-token NAME'", flush=True)
     serve(args.model, host=args.host, port=args.port, workers=args.workers,
           max_upload_bytes=int(math.floor(args.max_upload_mb * 2**20)), threads=args.threads,
-          max_queue=args.max_queue, remote_teaching=args.allow_remote_teach_in)
+          max_queue=args.max_queue, teach_token_file=str(token_file) if token_file else None,
+          allowed_origins=args.allow_origin, teach_max_images=args.teach_max_images,
+          teach_max_megapixels=args.teach_max_megapixels)
     return 0

@@ -19,8 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
-from typing import Mapping
+from typing import Mapping, Sequence
 
 from PIL import Image
 
@@ -29,6 +28,8 @@ from .guard import RequestGuard, ServiceError
 from .inference import InferenceRunner, default_slots
 from .metrics import Metrics
 from .models import load_models
+from .teach_in import DEFAULT_MAX_IMAGES, DEFAULT_MAX_MEGAPIXELS, TeachInPolicy
+from .teach_tokens import TeachTokens
 
 logger = logging.getLogger("patchcore.service")
 
@@ -53,15 +54,20 @@ def create_app(
     inference_slots: int | None = None,
     max_queue: int = 64,
     threads: int | None = None,
-    remote_teaching: bool = False,
+    teach_token_file: str | os.PathLike | None = None,
+    allowed_origins: Sequence[str] = (),
+    teach_max_images: int = DEFAULT_MAX_IMAGES,
+    teach_max_megapixels: float = DEFAULT_MAX_MEGAPIXELS,
 ):
     """The FastAPI app serving ``{name: model directory}``; each model is loaded once, here.
 
     ``inference_slots`` (default: CPU cores / ``threads``, at least 1) bounds how many images are
     decoded and scored at once; a request that finds no free slot waits, unless ``max_queue``
     requests already wait: then it gets 503. ``threads``: CPU threads of each model's network.
-    ``remote_teaching``: accept good images (``POST /v1/models/{name}/good``) from other machines
-    too, not only from this one (put authentication in front of the service first).
+    ``teach_token_file``: the teach-in tokens (:mod:`.teach_tokens`); without one, teach-in and
+    rollback are off. ``allowed_origins``: web origins besides the service's own whose pages may
+    teach (a reverse proxy's public address, when it rewrites ``Host``). ``teach_max_images`` and
+    ``teach_max_megapixels`` bound one teach-in request.
     """
     # The web stack is imported here, so that importing this module (the CLI does) stays light.
     from fastapi import FastAPI
@@ -86,8 +92,11 @@ def create_app(
     app.state.metrics = metrics
     app.state.runner = runner
     app.state.limits = Limits(max_upload_bytes=max_upload_bytes)
-    app.state.remote_teaching = remote_teaching
-    app.state.teach_locks = {name: threading.Lock() for name in models}
+    if teach_max_images < 1 or teach_max_megapixels <= 0:
+        raise ValueError("teach_max_images and teach_max_megapixels must be positive")
+    app.state.teach_in = TeachInPolicy(
+        TeachTokens(teach_token_file) if teach_token_file is not None else None,
+        frozenset(origin.rstrip("/").lower() for origin in allowed_origins), teach_max_images, teach_max_megapixels)
 
     app.add_exception_handler(ServiceError, _service_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)

@@ -19,7 +19,7 @@ import asyncio
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 from ..engine.cpus import available_cpus
 from ..engine.evidence import evidence_picture
@@ -29,6 +29,8 @@ from .guard import ServiceError
 from .metrics import Metrics
 from .models import ServedModel
 from .rendering import png_base64, render_outputs
+
+T = TypeVar("T")
 
 #: Formats decoded from uploads; anything else is refused without trying other Pillow plugins.
 UPLOAD_FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "WEBP")
@@ -101,23 +103,34 @@ class InferenceRunner:
         """The answer to an image that cannot be used: 413 when too large, else 422."""
         return ServiceError(413 if isinstance(error, TooManyPixels) else 422, f"cannot use the image: {error.problem}")
 
-    async def score(self, served: ServedModel, data: bytes, name: str, want_map: bool, want_overlay: bool,
-                    want_mask: bool, evidence: int = 0) -> dict[str, Any]:
-        """Decode ``data`` once, score it with ``served``, render what was asked for; with ``evidence``,
-        that many anomalous patches each beside its nearest normal patch of the training images.
-
-        Waits for a slot without holding a thread; 503 at once when the queue is full."""
-        queued = time.perf_counter()
+    async def run(self, work: Callable[..., T], *args: Any) -> T:
+        """Run ``work(*args)`` in an inference slot: decoding, scoring and teaching share the slots,
+        so memory and CPU stay bounded whatever the mix of requests. Waits for a slot without
+        holding a thread; 503 at once when the queue is full."""
         self._admit()
-        job = self._pool.submit(self._score_now, served, data, name, want_map, want_overlay, want_mask, evidence, queued)
+
+        def in_slot() -> T:
+            self._started()
+            try:
+                return work(*args)
+            finally:
+                self._left(started=True)
+
+        job = self._pool.submit(in_slot)
         # A job cancelled before it started (its client went away) gives its place back here.
         job.add_done_callback(lambda done: self._left(started=False) if done.cancelled() else None)
         return await asyncio.wrap_future(job)
 
+    async def score(self, served: ServedModel, data: bytes, name: str, want_map: bool, want_overlay: bool,
+                    want_mask: bool, evidence: int = 0) -> dict[str, Any]:
+        """Decode ``data`` once, score it with ``served``, render what was asked for; with ``evidence``,
+        that many anomalous patches each beside its nearest normal patch of the training images."""
+        return await self.run(self._score_now, served, data, name, want_map, want_overlay, want_mask, evidence,
+                              time.perf_counter())
+
     def _score_now(self, served: ServedModel, data: bytes, name: str, want_map: bool, want_overlay: bool,
                    want_mask: bool, evidence: int, queued: float) -> dict[str, Any]:
         """:meth:`score`'s work, on one of the pool's threads (its slot)."""
-        self._started()
         try:
             timings = {"queue": time.perf_counter() - queued}
             t0 = time.perf_counter()
@@ -125,7 +138,7 @@ class InferenceRunner:
             photo_width, photo_height = photo.info.get("original_size", photo.size)
             timings["decode"] = time.perf_counter() - t0
             need_map = want_map or want_overlay or (want_mask and served.pixel_threshold is not None)
-            if evidence and getattr(served.model, "memory_bank_origin_", None) is None:
+            if evidence and served.model.memory_bank_origin_ is None:
                 raise ServiceError(422, f"model {served.name!r} does not record where its memory bank came from "
                                         "(saved by an older patchcore): it cannot give evidence")
             prediction = served.model.predict([photo], need_map, None, False, evidence)[0]
@@ -134,6 +147,7 @@ class InferenceRunner:
             t0 = time.perf_counter()
             result: dict[str, Any] = {
                 "model": served.name,
+                "model_version": served.version,
                 "score": prediction.score,
                 "is_anomalous": prediction.is_anomalous,
                 "threshold": served.threshold,
@@ -155,5 +169,3 @@ class InferenceRunner:
         except ImageLoadError as exc:
             self.metrics.count_inference(served.name, "bad_image")
             raise self.refusal(exc) from None
-        finally:
-            self._left(started=True)

@@ -108,7 +108,7 @@ class ModelRegistry(Mapping[str, ServedModel]):
     def __init__(self, served: dict[str, ServedModel], threads: int | None) -> None:
         self._served = dict(served)
         self._threads = threads
-        self._locks = {name: threading.Lock() for name in served}
+        self._locks = {name: threading.RLock() for name in served}
 
     def __getitem__(self, name: str) -> ServedModel:
         current = self._served[name]
@@ -124,7 +124,15 @@ class ModelRegistry(Mapping[str, ServedModel]):
     def __len__(self) -> int:
         return len(self._served)
 
-    def lock(self, name: str) -> threading.Lock:
+    def install(self, name: str, model: Any) -> ServedModel:
+        """Serve ``model`` as the version just committed to its directory by this process (the
+        caller holds the directory's lock, so the manifest on disk is the one it wrote)."""
+        with self._locks[name]:
+            directory = self._served[name].directory
+            self._served[name] = ServedModel(name, directory, model, read_manifest(directory), _stamp(directory))
+            return self._served[name]
+
+    def lock(self, name: str) -> threading.RLock:
         """This process's lock for changing model ``name`` (the model directory's file lock
         serialises writers across processes)."""
         return self._locks[name]

@@ -7,6 +7,8 @@ liveness probe times out restarts a service that is only busy.
 
 from __future__ import annotations
 
+import os
+
 from fastapi import APIRouter
 from fastapi.responses import PlainTextResponse
 
@@ -18,7 +20,8 @@ router = APIRouter(tags=["service"])
 
 @router.get("/healthz", summary="Liveness and readiness")
 async def healthz(models: Models) -> dict:
-    return {"status": "ok", "models": sorted(models), "version": __version__}
+    # ``pid``: which process answered, when ``serve --workers N`` runs several.
+    return {"status": "ok", "models": sorted(models), "version": __version__, "pid": os.getpid()}
 
 
 router.add_api_route("/healthz", healthz, methods=["HEAD"], include_in_schema=False)

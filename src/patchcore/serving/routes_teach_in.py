@@ -1,43 +1,45 @@
-"""Teach-in: ``POST /v1/models/{name}/good`` adds good images to a served model's memory bank.
-
-Moved here from ``create_app`` as it was (its state now comes from dependencies, and the new
-version is swapped in through the model registry's ``reload``); its behaviour is about to be
-redesigned.
-"""
+"""Teach-in and rollback routes: ``POST /v1/models/{name}/good``, ``POST .../rollback`` and
+``GET .../history``. What they enforce (credentials, bounds, locks) is in :mod:`.teach_in`."""
 
 from __future__ import annotations
 
-import copy
-import threading
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Request
-from starlette.concurrency import run_in_threadpool
+from fastapi import APIRouter, Depends, Query, Request
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..errors import ImageLoadError
+from ..engine.persistence import history
 from .guard import ServiceError, UploadTooLarge
-from .inference import InferenceRunner
-from .models import ModelRegistry, ServedModel
-from .routes_dependencies import UNKNOWN_MODEL, ModelName, Models, Runner, ServiceLimits, find_model
-from .routes_scoring import IMAGE_BODY, UPLOAD_ERRORS, read_upload
-
-router = APIRouter(tags=["models"])
+from .routes_dependencies import UNKNOWN_MODEL, ModelName, Models, Runner, ServiceLimits, error_responses, find_model
+from .routes_scoring import UPLOAD_ERRORS, read_upload
+from .teach_in import TeachInPolicy, authorise, check_megapixels, roll_back, teach
 
 
-async def get_teach_locks(request: Request) -> dict[str, threading.Lock]:
-    """One lock per model: one teach-in per model at a time."""
-    return request.app.state.teach_locks
+async def get_policy(request: Request) -> TeachInPolicy:
+    return request.app.state.teach_in
 
 
-async def get_remote_teaching(request: Request) -> bool:
-    return request.app.state.remote_teaching
+Policy = Annotated[TeachInPolicy, Depends(get_policy)]
+
+router = APIRouter(tags=["teach-in"])
+
+_AUTH_ERRORS = error_responses({
+    401: "no teach-in token, or not one of the service's (send Authorization: Bearer TOKEN)",
+    403: "teach-in is off (no token file), or the request comes from a web page of another site",
+})
 
 
-async def read_images(request: Request, max_upload_bytes: int) -> list[tuple[bytes, str]]:
+async def read_images(request: Request, max_upload_bytes: int, max_images: int) -> list[tuple[bytes, str]]:
+    """The uploaded images: fields ``file`` of a multipart form, or one raw image body."""
     media = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media != "multipart/form-data":
         return [await read_upload(request, max_upload_bytes)]
-    form = await request.form(max_files=64, max_fields=64)
+    try:
+        form = await request.form(max_files=max_images, max_fields=max_images + 16)
+    except StarletteHTTPException as error:
+        if "files" in str(error.detail).lower():
+            raise ServiceError(413, f"at most {max_images} images per teach-in request") from None
+        raise
     try:
         uploads = [item for item in form.getlist("file") if not isinstance(item, str)]
         if not uploads:
@@ -53,42 +55,54 @@ async def read_images(request: Request, max_upload_bytes: int) -> list[tuple[byt
         await form.close()
 
 
-def teach(served_model: ServedModel, files: list[tuple[bytes, str]], models: ModelRegistry,
-          runner: InferenceRunner, teach_locks: dict[str, threading.Lock]) -> dict:
-    with teach_locks[served_model.name]:  # one teach-in per model at a time; scoring goes on
-        current = models[served_model.name]
-        try:
-            photos = [runner.decode(current, data, name) for data, name in files]
-        except ImageLoadError as error:
-            raise runner.refusal(error) from None
-        model = copy.copy(current.model)  # requests in flight keep scoring with the old bank
-        model.partial_fit(photos)
-        model.save(current.directory)
-        swapped = models.reload(current.name)  # the registry loads the version just saved
-        return {"model": current.name, **model.teach_in_[-1], "threshold": swapped.threshold}
-
-
 @router.post("/v1/models/{name}/good", summary="Teach the model good images",
-             openapi_extra=IMAGE_BODY,
-             responses={403: {"description": "not from this machine (see --allow-remote-teach-in)"},
-                        **UNKNOWN_MODEL, **UPLOAD_ERRORS})
-async def add_good(
-    name: ModelName,
-    request: Request,
-    models: Models,
-    runner: Runner,
-    limits: ServiceLimits,
-    teach_locks: Annotated[dict[str, threading.Lock], Depends(get_teach_locks)],
-    remote_teaching: Annotated[bool, Depends(get_remote_teaching)],
-) -> dict:
-    """Add good images (one raw image, or a multipart form with fields `file`) to the model's
-    memory bank without refitting: the model directory is replaced atomically and the service
-    swaps to the new model; requests in flight finish on the old one. Thresholds are kept.
-    Accepted from this machine only, unless the service was started with remote teaching."""
-    host = request.client.host if request.client else ""
-    if not remote_teaching and host not in ("127.0.0.1", "::1", "localhost"):
-        raise ServiceError(403, "teaching a model is accepted from this machine only (start the service with "
-                                "--allow-remote-teach-in to allow it from others)")
-    model = find_model(models, name)
-    files = await read_images(request, limits.max_upload_bytes)
-    return await run_in_threadpool(teach, model, files, models, runner, teach_locks)
+             openapi_extra={"requestBody": {
+                 "required": True,
+                 "description": "Good images: a multipart form with one or more fields `file`, or one image's raw "
+                                "bytes with an image/* or application/octet-stream Content-Type.",
+                 "content": {
+                     "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
+                         "file": {"type": "array", "items": {"type": "string", "format": "binary"}, "minItems": 1}}}},
+                     "application/octet-stream": {"schema": {"type": "string", "format": "binary", "minLength": 1}},
+                 }}},
+             responses={**_AUTH_ERRORS, **UNKNOWN_MODEL, **UPLOAD_ERRORS,
+                        **error_responses({409: "the memory bank is full (max_bank_size)",
+                                           503: "overloaded; retry"})})
+async def add_good(name: ModelName, request: Request, models: Models, runner: Runner, limits: ServiceLimits,
+                   policy: Policy) -> dict:
+    """Add good images to the model's memory bank without refitting (teach-in). Needs
+    `Authorization: Bearer TOKEN` (a token of the service's token file) and is refused from web
+    pages of other sites. The result is a new model version, saved atomically and recorded with
+    the token's name; `POST .../rollback` undoes it. Requests in flight finish on the old version.
+    Thresholds are kept."""
+    who = authorise(request.headers, policy)
+    find_model(models, name)
+    files = await read_images(request, limits.max_upload_bytes, policy.max_images)
+    if len(files) > policy.max_images:
+        raise ServiceError(413, f"at most {policy.max_images} images per teach-in request")
+    check_megapixels(files, policy.max_megapixels)
+    return await runner.run(teach, models, name, files, who, runner)
+
+
+@router.post("/v1/models/{name}/rollback", summary="Restore an earlier version of the model",
+             responses={**_AUTH_ERRORS, **UNKNOWN_MODEL,
+                        **error_responses({409: "that version cannot be restored (or is the current one)",
+                                           422: "invalid parameter", 503: "overloaded; retry"})})
+async def restore_version(name: ModelName, request: Request, models: Models, runner: Runner, policy: Policy,
+                    to: Annotated[int | None, Query(ge=1, description="the version to restore (default: the one "
+                                                                      "before the current version)")] = None) -> dict:
+    """Make an earlier version of the model current again (default: the version before the
+    current one), atomically and as a new version, so the history keeps both. Scores afterwards
+    equal those of the restored version bit for bit. Needs a teach-in token, as teach-in does."""
+    who = authorise(request.headers, policy)
+    find_model(models, name)
+    return await runner.run(roll_back, models, name, to, who)
+
+
+@router.get("/v1/models/{name}/history", summary="The model's versions", responses={**UNKNOWN_MODEL})
+async def model_history(name: ModelName, models: Models) -> dict:
+    """Every version written to the model's directory, oldest first: when, what made it (fit,
+    teach-in, rollback, export), who (a teach-in token's name, or cli), the images taught (their
+    SHA-256), the memory bank's size, and whether it can still be restored."""
+    served = find_model(models, name)
+    return {"model": name, "current_version": served.version, "versions": history(served.directory)}
