@@ -20,7 +20,9 @@ from .routes_dependencies import Runner, Served, ServiceLimits, error_responses
 MAX_EVIDENCE = 16
 
 _IMAGE_MEDIA_TYPES = [f"image/{name.lower()}" for name in UPLOAD_FORMATS]
-_BINARY = {"schema": {"type": "string", "format": "binary"}}
+#: A file's bytes; an empty upload is refused (400).
+_FILE = {"type": "string", "format": "binary", "minLength": 1}
+_BINARY = {"schema": _FILE}
 
 #: The request body of a route taking one image (``openapi_extra``: the routes read the raw request).
 IMAGE_BODY = {
@@ -32,7 +34,7 @@ IMAGE_BODY = {
         "content": {
             "multipart/form-data": {
                 "schema": {"type": "object", "required": ["file"],
-                           "properties": {"file": {"type": "string", "format": "binary"}}},
+                           "properties": {"file": _FILE}},
                 "encoding": {"file": {"contentType": ", ".join(_IMAGE_MEDIA_TYPES)}},
             },
             "application/octet-stream": _BINARY,
