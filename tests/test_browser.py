@@ -141,3 +141,64 @@ def test_upload_shows_score_overlay_and_history(browser, server_url, tmp_path):
     # no script errors or Content-Security-Policy violations; only the refused upload's 422 may be logged
     severe = [entry["message"] for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
     assert all("422" in message for message in severe), severe
+
+
+@pytest.fixture(scope="module")
+def teach_in_server(tmp_path_factory):
+    from patchcore.serving.teach_tokens import ensure_token_file
+
+    folder = tmp_path_factory.mktemp("browser-teach")
+    PatchCore(**FAST, coreset_ratio=0.1, resize=64, crop=64).fit(_images(8)).save(folder / "tiny")
+    tokens, token = ensure_token_file(folder / "tokens", "alice")
+    port = _free_port()
+    config = uvicorn.Config(create_app({"tiny": folder / "tiny"}, teach_token_file=tokens), host="127.0.0.1",
+                            port=port, log_level="warning")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            pytest.fail("the service did not start")
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}", token, folder / "tiny"
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def test_the_page_asks_for_the_token_before_it_offers_teach_in_and_can_undo_it(browser, teach_in_server, tmp_path):
+    from patchcore.engine.persistence import history
+
+    url, token, model_dir = teach_in_server
+    image = tmp_path / "new_variant.png"
+    Image.fromarray(_images(1, seed=9)[0]).save(image)
+    browser.get(url + "/")
+    browser.execute_script("sessionStorage.clear()")
+    browser.get(url + "/")
+    wait = WebDriverWait(browser, 30)
+    wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "true")
+    _upload(browser, image)
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#history li")) == 1)
+    assert not browser.find_element(By.ID, "teach").is_displayed()  # no token yet: nothing to teach with
+    assert browser.find_element(By.ID, "teach-token").is_displayed()
+    # A wrong token is refused by the service and asked for again.
+    browser.find_element(By.ID, "teach-token").send_keys("not-the-token-at-all")
+    browser.find_element(By.ID, "use-token").click()
+    browser.find_element(By.ID, "teach").click()
+    wait.until(lambda d: "not valid" in d.find_element(By.ID, "teach-status").text)
+    wait.until(lambda d: d.find_element(By.ID, "teach-token").is_displayed())
+    assert len(history(model_dir)) == 1
+    # With the token: teach the image, then undo.
+    browser.find_element(By.ID, "teach-token").send_keys(token)
+    browser.find_element(By.ID, "use-token").click()
+    browser.find_element(By.ID, "teach").click()
+    wait.until(lambda d: "version 2" in d.find_element(By.ID, "teach-status").text)
+    wait.until(lambda d: "version 2" in d.find_element(By.ID, "model-info").text)
+    taught = history(model_dir)[-1]
+    assert taught["action"] == "teach-in" and taught["who"] == "alice"
+    assert taught["sources"][0]["sha256"] == __import__("hashlib").sha256(image.read_bytes()).hexdigest()
+    browser.find_element(By.ID, "undo").click()
+    wait.until(lambda d: "restored as version 3" in d.find_element(By.ID, "teach-status").text)
+    assert history(model_dir)[-1]["action"] == "rollback"
+    severe = [entry["message"] for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
+    assert all("401" in message for message in severe), severe  # only the refused wrong token

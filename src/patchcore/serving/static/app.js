@@ -11,6 +11,9 @@
   let originalUrl = null;
   let busy = false;
   let counter = 0;
+  let lastFile = null;
+  // The teach-in token lives in this tab only (sessionStorage), never in the page's address or cookies.
+  const TOKEN_KEY = "patchcore-teach-token";
 
   function setStatus(text, isError) {
     statusLine.textContent = text;
@@ -26,16 +29,18 @@
       const response = await fetch("/v1/models");
       const body = await response.json();
       if (!response.ok) throw new Error(body.error || response.statusText);
+      const selected = modelSelect.value;
       modelSelect.replaceChildren();
       for (const model of body.models) {
         const option = document.createElement("option");
         option.value = model.name;
         option.textContent = model.name;
         option.dataset.evidence = model.evidence ? "3" : "0";
-        option.dataset.info = `${model.backbone}, memory bank ${model.memory_bank_size}` +
+        option.dataset.info = `version ${model.version}, ${model.backbone}, memory bank ${model.memory_bank_size}` +
           (model.threshold == null ? ", no threshold" : `, threshold ${formatScore(model.threshold)}`);
         modelSelect.appendChild(option);
       }
+      if (selected && body.models.some((model) => model.name === selected)) modelSelect.value = selected;
       showModelInfo();
       document.body.dataset.ready = "true";
     } catch (err) {
@@ -63,6 +68,7 @@
       let body;
       try { body = await response.json(); } catch (e) { body = { error: response.statusText }; }
       if (!response.ok) throw new Error(body.error || `HTTP ${response.status}`);
+      lastFile = file;
       showResult(file, body);
       addHistory(file.name, body, null);
       setStatus("", false);
@@ -152,6 +158,63 @@
     list.prepend(item);
     while (list.children.length > HISTORY_SIZE) list.lastElementChild.remove();
   }
+
+  // -- teach-in: offered only once a token is given ------------------------------------------
+  function teachStatus(text, isError) {
+    const line = $("teach-status");
+    line.textContent = text;
+    line.className = isError ? "error" : "";
+  }
+
+  function showTeachIn() {
+    const token = sessionStorage.getItem(TOKEN_KEY);
+    $("token-form").hidden = Boolean(token);
+    $("teach-actions").hidden = !token;
+  }
+
+  async function changeModel(path, body, doneText) {
+    const token = sessionStorage.getItem(TOKEN_KEY);
+    const model = modelSelect.value;
+    if (!token || !model) return;
+    teachStatus("Working…", false);
+    try {
+      const response = await fetch(`/v1/models/${encodeURIComponent(model)}/${path}`, {
+        method: "POST", body, headers: { Authorization: `Bearer ${token}` },
+      });
+      let answer;
+      try { answer = await response.json(); } catch (e) { answer = { error: response.statusText }; }
+      if (response.status === 401) {
+        sessionStorage.removeItem(TOKEN_KEY);
+        showTeachIn();
+      }
+      if (!response.ok) throw new Error(answer.error || `HTTP ${response.status}`);
+      teachStatus(doneText(answer), false);
+      await loadModels();
+    } catch (err) {
+      teachStatus(err.message, true);
+    }
+  }
+
+  $("token-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    const token = $("teach-token").value.trim();
+    if (!token) return;
+    sessionStorage.setItem(TOKEN_KEY, token);
+    $("teach-token").value = "";
+    showTeachIn();
+  });
+  $("forget-token").addEventListener("click", () => { sessionStorage.removeItem(TOKEN_KEY); showTeachIn(); });
+  $("teach").addEventListener("click", () => {
+    if (!lastFile) { teachStatus("Score an image first: the last image scored is the one taught.", true); return; }
+    const form = new FormData();
+    form.append("file", lastFile, lastFile.name);
+    changeModel("good", form, (a) => `Taught ${lastFile.name}: version ${a.version}, memory bank ${a.bank_size}` +
+      ` (+${a.added_to_bank}).`);
+  });
+  $("undo").addEventListener("click", () => {
+    changeModel("rollback", null, (a) => `Version ${a.restored_version} restored as version ${a.version}.`);
+  });
+  showTeachIn();
 
   $("original").addEventListener("error", () => {
     $("original").alt = "this browser cannot show the original (e.g. TIFF or 16-bit); see the heat map";
