@@ -126,3 +126,13 @@ def test_two_writers_never_lose_a_version(parts, tmp_path):
     for thread in threads:
         thread.join()
     assert [e["version"] for e in persistence.history(directory)] == [1, 2, 3, 4, 5]
+
+
+def test_the_last_ten_versions_stay_restorable_by_default(parts, tmp_path):
+    model, _, _ = parts
+    directory = tmp_path / "m"
+    for _ in range(12):
+        model.save(directory)
+    entries = persistence.history(directory)
+    assert [e["version"] for e in entries if e["restorable"]] == list(range(3, 13))
+    assert len(list((directory / "versions").glob("*.json"))) == 10

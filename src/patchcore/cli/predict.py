@@ -75,7 +75,7 @@ def write_predictions(model, predictions: Iterable[Prediction], output: Path, sc
     keeps every line written so far. Returns the predictions (without their maps and photos).
     """
     output.mkdir(parents=True, exist_ok=True)
-    pixel_threshold = getattr(model, "pixel_threshold_", None)
+    pixel_threshold = model.pixel_threshold_
     low, high = model_heat_scale(model)
     if overlays:
         (output / "overlays").mkdir(exist_ok=True)
@@ -117,12 +117,10 @@ def run(args: argparse.Namespace) -> int:
         return _run_on_ray(args)
     model = load_model(args.model, threads=args.threads)
     use_device(model, args.device)
-    model.progress = True
-    if args.batch_size:
-        model.batch_size = args.batch_size
+    model.set_params(progress=True, **({"batch_size": args.batch_size} if args.batch_size else {}))
     skipped = SkippedImages()
-    want_maps = not args.no_overlays or getattr(model, "pixel_threshold_", None) is not None
-    if args.evidence and getattr(model, "memory_bank_origin_", None) is None:
+    want_maps = not args.no_overlays or model.pixel_threshold_ is not None
+    if args.evidence and model.memory_bank_origin_ is None:
         raise ValueError(f"{args.model}: the model does not record where its memory bank came from (saved by an older "
                          "patchcore); fit it again for --evidence")
     output = Path(args.output)

@@ -45,6 +45,12 @@ def channel_pooling_matrix(in_channels: int, out_channels: int) -> torch.Tensor:
 class PatchFeatures(nn.Module):
     """Turns a backbone's stage maps into one ``(batch, height, width, width_out)`` patch-feature map."""
 
+    #: Whether the neighbourhood average counts the zeros beyond the feature map's border (torch's
+    #: default, and the paper's code): a border patch then averages 6 of 9 real values (a corner
+    #: 4) scaled by 9. Measured against averaging only the real values on bottle and macaroni1
+    #: (``benchmarks/bench_border_pooling.py``; README, "The method, and our choices").
+    count_include_pad = True
+
     def __init__(self, channels: list[int], feature_width: int | None = None, neighbourhood: int = 3) -> None:
         super().__init__()
         if neighbourhood < 1 or neighbourhood % 2 == 0:
@@ -73,7 +79,8 @@ class PatchFeatures(nn.Module):
             if pooling is not None:
                 feature_map = torch.einsum("oc,bchw->bohw", pooling, feature_map)
             if self.neighbourhood > 1:
-                feature_map = F.avg_pool2d(feature_map, self.neighbourhood, stride=1, padding=self.neighbourhood // 2)
+                feature_map = F.avg_pool2d(feature_map, self.neighbourhood, stride=1, padding=self.neighbourhood // 2,
+                                           count_include_pad=self.count_include_pad)
             if feature_map.shape[-2:] != grid:
                 feature_map = F.interpolate(feature_map, size=grid, mode="bilinear", align_corners=False)
             parts.append(feature_map)

@@ -83,7 +83,7 @@ def scale_box(box: tuple[int, int, int, int], from_size: tuple[int, int], to_siz
 
 def model_heat_scale(model) -> tuple[float, float]:
     """:func:`heat_scale` of a fitted (or exported) model: its normal scale and pixel threshold."""
-    return heat_scale(model.normal_patch_score_mean_, model.normal_patch_score_std_, getattr(model, "pixel_threshold_", None))
+    return heat_scale(model.normal_patch_score_mean_, model.normal_patch_score_std_, model.pixel_threshold_)
 
 
 def overlay_beside_photo(photo: Image.Image, anomaly_map: np.ndarray, low: float, high: float) -> Image.Image:

@@ -28,7 +28,7 @@ def render_outputs(prediction: Prediction, photo: Image.Image, model, max_side: 
     or above the model's pixel threshold (``None`` when it has none).
     """
     pixel_map = prediction.anomaly_map  # at the photo's own size
-    pixel_threshold = getattr(model, "pixel_threshold_", None)
+    pixel_threshold = model.pixel_threshold_
     height, width = pixel_map.shape
     factor = min(1.0, max_side / max(width, height))
     size = (max(1, round(width * factor)), max(1, round(height * factor)))
