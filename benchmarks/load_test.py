@@ -2,10 +2,13 @@
 
 Starts ``patchcore.serving.server.serve`` in a subprocess on a free loopback port (with a small model fitted
 here, or ``--model-dir``), runs ``--clients`` concurrent clients posting a PNG for ``--duration``
-seconds, then prints throughput, latency percentiles, errors and the server's peak RSS (Linux).
+seconds, then prints throughput, latency percentiles, errors, the server's peak RSS (Linux), and how
+fast ``/healthz`` answered meanwhile (a probe every 0.2 s on a connection of its own, with the number
+of requests waiting for a scoring slot at that moment): a liveness probe must not queue behind scoring.
 
     python benchmarks/load_test.py                      # 50 clients, 30 s, a tiny 64 px model
     python benchmarks/load_test.py --clients 50 --duration 20 --size 256 --resize 256 --crop 224
+    python benchmarks/load_test.py --clients 80 --max-queue 32   # a full queue: the rest is shed (503)
 
 Not a test: it only reports. The client runs in this process with asyncio + httpx, so on a small
 machine it competes with the server for CPU; the figures are end-to-end, as a caller would see them.
@@ -80,22 +83,59 @@ async def _client(http, url: str, body: bytes, until: float, latencies: list, st
             statuses[response.status_code] += 1
             if response.status_code == 200:
                 latencies.append(time.perf_counter() - started)
+            elif response.status_code == 503:  # shed: wait as told, as a well-behaved client does
+                await asyncio.sleep(float(response.headers.get("retry-after", "1")))
         except Exception as exc:  # connection refused / reset / timeout: an error, keep going
             statuses[type(exc).__name__] += 1
 
 
-async def _run_clients(url: str, body: bytes, clients: int, duration: float) -> tuple[list[float], Counter, float]:
+def _queue_depth(metrics_text: str) -> float | None:
+    """The ``patchcore_inference_queue`` gauge of a Prometheus scrape."""
+    for line in metrics_text.splitlines():
+        if line.startswith("patchcore_inference_queue "):
+            return float(line.split()[1])
+    return None
+
+
+class HealthProbe(threading.Thread):
+    """Times ``/healthz`` every 0.2 s on a connection of its own, and notes the scoring queue's depth
+    after each probe. A thread, not a task of the clients' event loop: a busy loop would add its own
+    delay to the figures. A probe that fails counts as an error (``healthz <status>``)."""
+
+    def __init__(self, base: str, statuses: Counter) -> None:
+        super().__init__(daemon=True)
+        self.base, self.statuses, self.stop = base, statuses, threading.Event()
+        self.probes: list[tuple[float, float | None]] = []  # (seconds, requests waiting)
+
+    def run(self) -> None:
+        import httpx
+
+        with httpx.Client(timeout=httpx.Timeout(60.0)) as http:
+            while not self.stop.wait(0.2):
+                started = time.perf_counter()
+                try:
+                    response = http.get(self.base + "/healthz")
+                    seconds = time.perf_counter() - started
+                    if response.status_code != 200:
+                        self.statuses[f"healthz {response.status_code}"] += 1
+                    else:
+                        self.probes.append((seconds, _queue_depth(http.get(self.base + "/metrics").text)))
+                except Exception as exc:  # a timeout is what this probe is here to catch
+                    self.statuses[f"healthz {type(exc).__name__}"] += 1
+
+
+async def _run_clients(url: str, body: bytes, clients: int, duration: float, statuses: Counter
+                       ) -> tuple[list[float], float]:
     import httpx
 
     latencies: list[float] = []
-    statuses: Counter = Counter()
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(60.0)) as http:
         started = time.perf_counter()
         until = started + duration
         await asyncio.gather(*(_client(http, url, body, until, latencies, statuses) for _ in range(clients)))
         elapsed = time.perf_counter() - started
-    return latencies, statuses, elapsed
+    return latencies, elapsed
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resize", type=int, default=64, help="resize of the fitted small model (default: 64)")
     parser.add_argument("--crop", type=int, default=64, help="crop of the fitted small model (default: 64)")
     parser.add_argument("--map", action="store_true", help="ask for the heat map too (map=true)")
+    parser.add_argument("--max-queue", type=int, default=64,
+                        help="the service's --max-queue (default: 64, as the service); fewer than --clients fills it")
     args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory(prefix="patchcore-load-") as scratch:
@@ -118,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         port = _free_port()
         code = (
             "import sys; from patchcore.serving.server import serve; "
-            f"serve({str(model_dir)!r}, host='127.0.0.1', port={port}, log_level='warning')"
+            f"serve({str(model_dir)!r}, host='127.0.0.1', port={port}, log_level='warning', max_queue={args.max_queue})"
         )
         env = dict(os.environ)
         server = subprocess.Popen([sys.executable, "-c", code], env=env)
@@ -149,7 +191,13 @@ def main(argv: list[str] | None = None) -> int:
             sampler.start()
             print(f"{args.clients} clients for {args.duration:g} s against {url} ({len(buffer.getvalue())} byte PNG, "
                   f"{args.size}x{args.size}) ...", flush=True)
-            latencies, statuses, elapsed = asyncio.run(_run_clients(url, buffer.getvalue(), args.clients, args.duration))
+            statuses: Counter = Counter()
+            probe = HealthProbe(base, statuses)
+            probe.start()
+            latencies, elapsed = asyncio.run(_run_clients(url, buffer.getvalue(), args.clients, args.duration, statuses))
+            probe.stop.set()
+            probe.join()
+            probes = probe.probes
             sampler.stop.set()
             sampler.join()
             hwm = _rss_kib(server.pid, "VmHWM")
@@ -161,9 +209,10 @@ def main(argv: list[str] | None = None) -> int:
             except subprocess.TimeoutExpired:
                 server.kill()
 
-    ok = statuses.get(200, 0)
-    errors = sum(count for key, count in statuses.items() if key != 200)
-    print(f"requests        {ok + errors} in {elapsed:.1f} s ({ok} ok, {errors} errors: {dict(statuses)})")
+    ok, shed = statuses.get(200, 0), statuses.get(503, 0)
+    errors = sum(count for key, count in statuses.items() if key not in (200, 503))
+    print(f"requests        {ok + shed + errors} in {elapsed:.1f} s ({ok} ok, {shed} shed with 503, {errors} errors: "
+          f"{dict(statuses)})")
     print(f"throughput      {ok / elapsed:.1f} images/s")
     if latencies:
         p50, p95, p99 = np.percentile(np.array(latencies) * 1000.0, [50, 95, 99])
@@ -171,6 +220,13 @@ def main(argv: list[str] | None = None) -> int:
     if idle_rss is not None:
         peak = max(sampler.peak_kib, hwm or 0)
         print(f"server RSS      idle {idle_rss / 1024:.0f} MiB, peak {peak / 1024:.0f} MiB")
+    if probes:
+        waiting = [depth for _, depth in probes if depth is not None]
+        p50, p95 = np.percentile(np.array([seconds for seconds, _ in probes]) * 1000.0, [50, 95])
+        print(f"/healthz        p50 {p50:.1f} ms   p95 {p95:.1f} ms   max {max(s for s, _ in probes) * 1000:.1f} ms "
+              f"({len(probes)} probes under load; requests waiting for a slot: median "
+              f"{np.median(waiting) if waiting else float('nan'):.0f}, max {max(waiting, default=float('nan')):.0f} "
+              f"of --max-queue {args.max_queue})")
     print(f"healthy after   {healthy}")
     return 0 if errors == 0 and healthy else 1
 
