@@ -358,8 +358,9 @@ def iterate_batches(
             raise ImageLoadError(source_name(source, position), str(exc)) from exc
         return source_name(source, position), pixels, placement, image if keep_images else None
 
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        pending: deque = deque()
+    pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="patchcore-decode")
+    pending: deque = deque()
+    try:
         items = enumerate(sources)
         batch: list = []
         while True:
@@ -384,6 +385,11 @@ def iterate_batches(
                 batch = []
         if batch:
             yield _collate(batch)
+    finally:
+        # Stopped early (an error, Ctrl-C, the caller closing the generator): drop the queued
+        # decodes instead of waiting for them (`with` would: 1.7 s for bottle at batch 16), and do
+        # not wait for those running either; their results are not wanted.
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _collate(items: list) -> LoadedBatch:
