@@ -229,11 +229,15 @@ def test_several_workers_serve_one_model_version_and_never_overwrite_each_others
             # Both workers are up and take connections in turn: each of them scores some of these.
             seen = [client.post("/v1/models/m/predict", content=probe, headers={"content-type": "image/png"}).json()
                     for _ in range(16)]
+            # Metrics are summed over the workers: every scrape, whichever worker answers, counts all 16.
+            scrapes = [client.get("/metrics").text for _ in range(4)]
     finally:
         server.terminate()
         server.wait(timeout=60)
     assert {answer["model_version"] for answer in seen} == {3}  # every worker scores with the newest version
     assert len({answer["score"] for answer in seen}) == 1
+    for text in scrapes:
+        assert 'patchcore_inferences_total{model="m",outcome="ok"} 16.0' in text
     final = load_model(tmp_path / "m")
     assert final.memory_bank_.shape[0] == model.memory_bank_.shape[0] + added  # neither teach-in was lost
     assert [e["who"] for e in persistence.history(tmp_path / "m")][1:] == ["supervisor", "supervisor"]

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from typing import Any, Mapping
 
 from .app import DEFAULT_MAX_UPLOAD_BYTES, create_app
+from .metrics import MULTIPROCESS_DIR
 from .models import discover_models, load_models
 
 _ENV_CONFIG = "PATCHCORE_SERVICE_CONFIG"
@@ -28,7 +31,8 @@ def serve(
     **options: Any,
 ) -> None:
     """Run the service with uvicorn (blocks). ``model_dirs``: a model directory, a folder of them,
-    or ``{name: directory}``. Each of ``workers`` processes loads every model."""
+    or ``{name: directory}``. Each of ``workers`` processes loads every model; their metrics are
+    summed (:mod:`.metrics`)."""
     import uvicorn
 
     if isinstance(model_dirs, (str, os.PathLike)):
@@ -43,4 +47,10 @@ def serve(
     else:
         load_models(model_dirs)  # fail here, once, with a clear message, rather than in every worker
         os.environ[_ENV_CONFIG] = json.dumps({"model_dirs": model_dirs, "max_upload_bytes": max_upload_bytes, **options})
-        uvicorn.run("patchcore.serving.server:app_from_environment", factory=True, workers=workers, **settings)
+        # Metrics summed over the workers (prometheus_client's multiprocess mode), in a folder of this run's own.
+        metrics_dir = tempfile.mkdtemp(prefix="patchcore-metrics-")
+        os.environ[MULTIPROCESS_DIR] = metrics_dir
+        try:
+            uvicorn.run("patchcore.serving.server:app_from_environment", factory=True, workers=workers, **settings)
+        finally:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
