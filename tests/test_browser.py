@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import socket
 import threading
@@ -58,13 +59,10 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server_url(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("browser") / "tiny"
-    PatchCore(**FAST, coreset_ratio=0.1, resize=64, crop=64).fit(_images(8)).save(directory)
+def _running(app):
+    """Serve ``app`` with uvicorn on a free loopback port in a thread; yields its URL."""
     port = _free_port()
-    config = uvicorn.Config(create_app({"tiny": directory}), host="127.0.0.1", port=port, log_level="warning")
-    server = uvicorn.Server(config)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -75,6 +73,13 @@ def server_url(tmp_path_factory):
     yield f"http://127.0.0.1:{port}"
     server.should_exit = True
     thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server_url(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("browser") / "tiny"
+    PatchCore(**FAST, coreset_ratio=0.1, resize=64, crop=64).fit(_images(8)).save(directory)
+    yield from _running(create_app({"tiny": directory}))
 
 
 @pytest.fixture(scope="module")
@@ -150,20 +155,8 @@ def teach_in_server(tmp_path_factory):
     folder = tmp_path_factory.mktemp("browser-teach")
     PatchCore(**FAST, coreset_ratio=0.1, resize=64, crop=64).fit(_images(8)).save(folder / "tiny")
     tokens, token = ensure_token_file(folder / "tokens", "alice")
-    port = _free_port()
-    config = uvicorn.Config(create_app({"tiny": folder / "tiny"}, teach_token_file=tokens), host="127.0.0.1",
-                            port=port, log_level="warning")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            pytest.fail("the service did not start")
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", token, folder / "tiny"
-    server.should_exit = True
-    thread.join(timeout=10)
+    for url in _running(create_app({"tiny": folder / "tiny"}, teach_token_file=tokens)):
+        yield url, token, folder / "tiny"
 
 
 def test_the_page_asks_for_the_token_before_it_offers_teach_in_and_can_undo_it(browser, teach_in_server, tmp_path):
@@ -196,7 +189,7 @@ def test_the_page_asks_for_the_token_before_it_offers_teach_in_and_can_undo_it(b
     wait.until(lambda d: "version 2" in d.find_element(By.ID, "model-info").text)
     taught = history(model_dir)[-1]
     assert taught["action"] == "teach-in" and taught["who"] == "alice"
-    assert taught["sources"][0]["sha256"] == __import__("hashlib").sha256(image.read_bytes()).hexdigest()
+    assert taught["sources"][0]["sha256"] == hashlib.sha256(image.read_bytes()).hexdigest()
     browser.find_element(By.ID, "undo").click()
     wait.until(lambda d: "restored as version 3" in d.find_element(By.ID, "teach-status").text)
     assert history(model_dir)[-1]["action"] == "rollback"

@@ -1,5 +1,6 @@
 """Model versions: every save is a new version, the history records it, rollback restores one exactly."""
 
+import hashlib
 import json
 
 import numpy as np
@@ -60,7 +61,7 @@ def test_rollback_after_teach_in_gives_the_scores_from_before_bit_for_bit(parts,
     teach_in = entries[1]
     assert teach_in["who"] == "cli" and teach_in["images"] == len(good)
     assert sorted(s["sha256"] for s in teach_in["sources"]) == sorted(
-        __import__("hashlib").sha256(p.read_bytes()).hexdigest() for p in good)
+        hashlib.sha256(p.read_bytes()).hexdigest() for p in good)
     assert teach_in["bank_size"] == taught.memory_bank_.shape[0]
     # The taught version can be restored too: rollback is itself undone by a rollback.
     assert main(["rollback", str(directory), "--to", "2"]) == 0
