@@ -44,7 +44,7 @@ def run_demo(output: Path, n_train: int = 200, seed: int = 0) -> int:
         f"threshold {result['image_f1_threshold']:.3f}"
     )
     model.calibrate_threshold(calibration, max_false_positive_rate=0.01)
-    model.save(output / "model")
+    model.save(output / "model", event={"action": "fit", "who": "demo"})
     scores = [p.score for p in model.predict([s.path for s in dataset.test], maps=False)]
     labels = [s.label for s in dataset.test]
     flagged_good = sum(score >= model.threshold_ for score, label in zip(scores, labels) if label == 0)

@@ -37,7 +37,7 @@ def fit_one(folder: str, output: str, settings: dict[str, Any], threads: int | N
         from ..engine.model import PatchCore
 
         model = PatchCore(**{**settings, **({"threads": threads} if threads else {})}).fit(folder)
-        model.save(output)
+        model.save(output, event={"action": "fit", "who": "fit-many"})
         return {"folder": folder, "model": output, "ok": True, "images": model.n_training_images_,
                 "bank": int(model.memory_bank_.shape[0]), "seconds": time.perf_counter() - started}
     except Exception as error:  # one folder's failure must not stop the others
