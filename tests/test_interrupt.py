@@ -165,3 +165,35 @@ def test_the_watchdog_ends_a_command_that_does_not_unwind(tmp_path, signum, expe
     assert "unwinding" in stderr and "Traceback" not in stderr
     assert _last_line(stderr) == f"interrupted ({signal.Signals(signum).name}): patchcore fit stopped (forced)"
     assert list(model.iterdir()) == []  # the pending temporary file was removed
+
+
+_SWALLOWED = """
+import sys, time
+from patchcore.cli.interrupts import Interrupted, StopOnSignals
+
+class Finalised:
+    def __del__(self):  # Python reports an exception raised here and carries on
+        print("finalising", file=sys.stderr, flush=True)
+        time.sleep(120)
+
+with StopOnSignals("patchcore evaluate") as stop:
+    try:
+        Finalised()  # freed at once: the signal arrives during its __del__
+        time.sleep(120)
+    except Interrupted:
+        stop.finish()
+"""
+
+
+@pytest.mark.parametrize("signum, expected_status", STOPS, ids=["SIGINT", "SIGTERM"])
+def test_a_signal_that_lands_in_a_finaliser_still_stops_cleanly(tmp_path, signum, expected_status):
+    """A signal during a finaliser (``__del__``, a generator freed mid-run) raises where Python only
+    reports the exception and goes on; the stop is raised again, and ends without a traceback."""
+    script = tmp_path / "swallowed.py"
+    script.write_text(_SWALLOWED)
+    child = Child([sys.executable, str(script)], _environment(tmp_path / "tmp"))
+    child.wait_for("finalising")
+    status, stderr = child.stop(signum)
+    assert status == expected_status, stderr
+    assert "Traceback" not in stderr and "Exception ignored" not in stderr, stderr
+    assert _last_line(stderr) == f"interrupted ({signal.Signals(signum).name}): patchcore evaluate stopped"

@@ -22,6 +22,7 @@ does); a stop removes whatever is listed there.
 
 from __future__ import annotations
 
+import _thread
 import atexit
 import contextlib
 import faulthandler
@@ -29,8 +30,9 @@ import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
-from types import FrameType, TracebackType
+from types import CodeType, FrameType, TracebackType
 from typing import NoReturn
 
 #: The signals that stop a command cleanly.
@@ -130,6 +132,9 @@ class StopOnSignals:
         self._exiting = threading.Lock()
         self._hard_stop_fd: int | None = None
         self._stderr: LineTrackingStream | None = None
+        self._raise_again = False
+        self._previous_hook = None
+        self._hook = self._on_unraisable  # one bound method, so that release() can tell it is still ours
 
     # -- installing --------------------------------------------------------------------------
 
@@ -139,6 +144,7 @@ class StopOnSignals:
                 self._previous[signum] = signal.signal(signum, self._on_signal)
             if sys.stderr is not None:
                 self._stderr = sys.stderr = LineTrackingStream(sys.stderr)
+            self._previous_hook, sys.unraisablehook = sys.unraisablehook, self._hook
         return self
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
@@ -155,10 +161,16 @@ class StopOnSignals:
         if self._stderr is not None and sys.stderr is self._stderr:
             sys.stderr = self._stderr.stream
         self._stderr = None
+        if self._previous_hook is not None and sys.unraisablehook is self._hook:
+            sys.unraisablehook = self._previous_hook
+        self._previous_hook = None
 
     # -- a signal arrives --------------------------------------------------------------------
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        if self._raise_again:  # from _raise_again_later: the first one was swallowed
+            self._raise_again = False
+            raise Interrupted(signum)
         if self.signum is not None:  # a second signal while unwinding: stop now (unless finish() is at it)
             self.force_exit()
             return
@@ -166,6 +178,30 @@ class StopOnSignals:
         threading.Thread(target=self._watchdog, name="patchcore-stop-watchdog", daemon=True).start()
         self._arm_hard_stop()
         raise Interrupted(signum)
+
+    def _on_unraisable(self, unraisable) -> None:
+        """``sys.unraisablehook``: where the signal landed in a finaliser (``__del__``, a generator
+        closed as it is freed, a weakref callback), Python only reports the exception and carries
+        on. Ours is not reported but raised again, at the main thread's next step."""
+        if isinstance(unraisable.exc_value, Interrupted) and self.signum is not None:
+            threading.Thread(target=self._raise_again_later, name="patchcore-stop-again", daemon=True).start()
+        elif self._previous_hook is not None:
+            self._previous_hook(unraisable)
+
+    def _raise_again_later(self) -> None:
+        """Once the main thread has left the hook (an exception raised inside it would be swallowed
+        too), run the signal handler there once more, as a signal would, to raise the stop."""
+        main = threading.main_thread().ident
+        while not self._unwound.is_set():
+            frame = sys._current_frames().get(main)
+            if frame is None or not _runs(frame, StopOnSignals._on_unraisable.__code__):
+                self._raise_again = True
+                if hasattr(signal, "pthread_kill"):  # a real signal: it also ends a wait in a system call
+                    signal.pthread_kill(main, self.signum)
+                else:
+                    _thread.interrupt_main(self.signum)
+                return
+            time.sleep(0.001)
 
     def _watchdog(self) -> None:
         if not self._unwound.wait(self.grace):
@@ -225,6 +261,15 @@ class StopOnSignals:
     def _fresh_line(self) -> str:
         """A line end when the last text on stderr left its line open (a progress bar), else nothing."""
         return "" if self._stderr is None or self._stderr.at_line_start else "\n"
+
+
+def _runs(frame: FrameType, code: CodeType) -> bool:
+    """Whether ``code`` is running in ``frame`` or in one of its callers."""
+    while frame is not None:
+        if frame.f_code is code:
+            return True
+        frame = frame.f_back
+    return False
 
 
 def _write_stderr(text: str, flush_first: bool = True) -> None:
