@@ -168,6 +168,8 @@ class StopOnSignals:
     # -- a signal arrives --------------------------------------------------------------------
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        if self._unwound.is_set():  # finish() is ending the process: nothing to raise any more
+            return
         if self._raise_again:  # from _raise_again_later: the first one was swallowed
             self._raise_again = False
             raise Interrupted(signum)
