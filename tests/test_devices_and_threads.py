@@ -61,3 +61,24 @@ def test_device_auto_uses_the_cpu_without_a_gpu_and_cuda_is_refused_clearly(prod
         PatchCore(**small_model_settings(), device="cuda").fit(product_images["train"][:3])
     with pytest.raises(ValueError, match="torch sees no GPU"):
         use_device(model, "cuda")
+
+
+def test_the_nvidia_driver_is_looked_for_before_torch_is_asked(tmp_path, monkeypatch):
+    """``device="auto"`` asks torch about CUDA only where an NVIDIA driver is installed (the
+    driver's files stand in for one here); ``cpu`` never asks."""
+    import sys
+
+    import pytest
+    import torch
+
+    from patchcore.engine import devices
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the driver's files checked here are Linux's")
+    monkeypatch.setattr(devices, "_LINUX_DRIVER_FILES", (str(tmp_path / "absent"),))
+    assert not devices.nvidia_driver_present() and not devices.cuda_usable() and not devices.wants_cuda("auto")
+    (tmp_path / "version").write_text("NVRM version: NVIDIA UNIX x86_64 Kernel Module\n")
+    monkeypatch.setattr(devices, "_LINUX_DRIVER_FILES", (str(tmp_path / "version"),))
+    assert devices.nvidia_driver_present()
+    assert devices.wants_cuda("auto") == torch.cuda.is_available()  # with a driver, torch decides
+    assert not devices.wants_cuda("cpu")

@@ -98,7 +98,11 @@ def test_save_load_gives_bit_identical_scores(tmp_path, product_images, fitted_m
     assert all(np.array_equal(a.anomaly_map, b.anomaly_map) for a, b in zip(before, after))
     assert loaded.get_params() == {**fitted_model.get_params(), "progress": False}
     files = sorted(os.listdir(tmp_path / "model"))
-    assert [f for f in files if not f.endswith(".safetensors")] == [".lock", "history.jsonl", "patchcore.json", "versions"]
+    assert [f for f in files if not f.endswith((".safetensors", ".onnx"))] == [".lock", "history.jsonl", "patchcore.json",
+                                                                             "versions"]
+    # The network's graph beside the backbone's weights: loading needs no torch.
+    assert [f.split("-")[0] for f in files if f.endswith((".safetensors", ".onnx"))] == ["backbone", "memory_bank",
+                                                                                         "network"]
     assert os.listdir(tmp_path / "model" / "versions") == ["000001.json"]
 
 
@@ -108,9 +112,10 @@ def test_saving_again_makes_a_new_version_and_removes_only_files_no_kept_version
     other = PatchCore(**small_model_settings(coreset_ratio=0.1)).fit(product_images["train"][:4])
     other.save(tmp_path / "model")
     assert PatchCore.load(tmp_path / "model").memory_bank_.shape == other.memory_bank_.shape
-    # Two memory banks (version 1 stays restorable) and one backbone file (the same weights: one name).
+    # Two memory banks (version 1 stays restorable) and one backbone file and graph (the same network: one name).
     assert len(list((tmp_path / "model").glob("memory_bank-*.safetensors"))) == 2
     assert len(list((tmp_path / "model").glob("backbone-*.safetensors"))) == 1
+    assert len(list((tmp_path / "model").glob("network-*.onnx"))) == 1
     other.save(tmp_path / "model", keep_versions=1)  # keep only the current version: the others' files go
     assert len(list((tmp_path / "model").glob("*.safetensors"))) == 2
     assert os.listdir(tmp_path / "model" / "versions") == ["000003.json"]

@@ -4,19 +4,18 @@ The network half (backbone and patch features) becomes one ONNX graph with a dyn
 image size (or, where the ``openvino`` package is installed, OpenVINO IR made from it); the
 memory bank, the settings and the thresholds go beside it, checksummed, as in a saved model.
 :class:`~patchcore.engine.runtime.ExportedModel` loads and scores it with onnxruntime (or
-openvino), numpy, scipy, Pillow and faiss only.
+openvino), numpy, scipy, Pillow and faiss only. The graph is the one the model itself runs
+(:mod:`.network_cache`), so exporting needs no torch either.
 """
 
 from __future__ import annotations
 
-import copy
-import itertools
 import os
 import tempfile
 from pathlib import Path
 
 from . import persistence
-from .onnx_network import OPSET, export_network
+from .onnx_network import OPSET
 
 FORMATS = ("onnx", "openvino")
 
@@ -33,31 +32,6 @@ def _openvino_ir(onnx_graph: bytes) -> tuple[bytes, bytes]:
         return (Path(folder) / "network.xml").read_bytes(), (Path(folder) / "network.bin").read_bytes()
 
 
-def cpu_network(network):
-    """``network`` (a torch module) itself when it is on the CPU, else :func:`cpu_copy` of it: the
-    model keeps its own network where it runs, so a CUDA model still predicts after an export."""
-    if all(tensor.device.type == "cpu" for tensor in _tensors(network)):
-        return network
-    return cpu_copy(network)
-
-
-def cpu_copy(network):
-    """A copy of torch module ``network`` with every parameter and buffer on the CPU, made without
-    a second copy where the original lives (deepcopy takes the CPU copies from its memo instead of
-    copying the originals)."""
-    import torch
-
-    memo = {}
-    for tensor in _tensors(network):
-        cpu = tensor.detach().to("cpu", copy=True)
-        memo[id(tensor)] = torch.nn.Parameter(cpu, tensor.requires_grad) if isinstance(tensor, torch.nn.Parameter) else cpu
-    return copy.deepcopy(network, memo).cpu()
-
-
-def _tensors(network) -> list:
-    return list(itertools.chain(network.parameters(), network.buffers()))
-
-
 def export_model(model, directory: str | os.PathLike, format: str = "onnx", event: dict | None = None) -> Path:
     """Write fitted PatchCore ``model`` to ``directory`` as an export (atomically, as a new version,
     like a save). It keeps every setting of the model, so that teach-in on the export adds exactly
@@ -65,7 +39,7 @@ def export_model(model, directory: str | os.PathLike, format: str = "onnx", even
     if format not in FORMATS:
         raise ValueError(f"unknown export format {format!r}: use one of {', '.join(FORMATS)}")
     model._check_fitted()
-    graph = export_network(cpu_network(model.network_))
+    graph = model.network_.graph_bytes()  # the graph the model runs: no torch needed
     if format == "onnx":
         blobs = {"network": (".onnx", graph)}
     else:

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .network_cache import COUNT_INCLUDE_PAD
+
 
 def layer_widths(channels: list[int], feature_width: int | None) -> list[int]:
     """Width each layer is pooled to so that the concatenation is ``feature_width`` wide.
@@ -48,8 +50,9 @@ class PatchFeatures(nn.Module):
     #: Whether the neighbourhood average counts the zeros beyond the feature map's border (torch's
     #: default, and the paper's code): a border patch then averages 6 of 9 real values (a corner
     #: 4) scaled by 9. Measured against averaging only the real values on bottle and macaroni1
-    #: (``benchmarks/bench_border_pooling.py``; README, "The method, and our choices").
-    count_include_pad = True
+    #: (``benchmarks/bench_border_pooling.py``; README, "The method, and our choices"). Part of
+    #: the network cache's key (:mod:`.network_cache`), where the default is declared.
+    count_include_pad = COUNT_INCLUDE_PAD
 
     def __init__(self, channels: list[int], feature_width: int | None = None, neighbourhood: int = 3) -> None:
         super().__init__()

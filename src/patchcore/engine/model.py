@@ -5,31 +5,51 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import numpy as np
-import torch
 from sklearn.base import BaseEstimator
 
 from ..errors import ModelFormatError, NotFittedError
-from . import persistence
+from . import network_cache, persistence
 from .approximate_search import KINDS as APPROXIMATE_KINDS
 from .backbone_specs import BackboneSpec, resolve_spec
-from .backbones import build_network, create_backbone
 from .coreset import SAMPLERS, coreset_size, select_coreset
 from .detector import Detector, embed_batches, photo_grid
-from .embedding import feature_pipeline
-from .geometry import parse_resize
+from .devices import wants_cuda
+from .geometry import InputTransform, parse_resize
 from .images import ImageSource, expand_sources
-from .onnx_network import OnnxNetwork, export_network, onnxruntime_available
+from .network_cache import NetworkParts, PatchGraph
+from .onnx_network import OnnxNetwork, onnxruntime_available
 from .patch_store import ArrayRows, PatchStore
 from .prediction import ErrorHandler
 from .search import BACKENDS
 from .settings import DEFAULTS, DEVICES, PRESETS, RUNTIMES, ModelSettings, read_settings  # noqa: F401  (PRESETS: API)
-from .weights import load_into
+from .tiling import TiledEmbedding
+
+#: Modules only the torch half needs (building a graph once per backbone, the GPU, ``runtime="torch"``).
+TORCH_MODULES = ("torch", "timm", "torchvision")
 
 #: Training patches drawn (seeded) to measure the scale of normal patch scores after fitting.
 REFERENCE_PATCHES = 10_000
+
+
+def _torch_half(what: str):
+    """:mod:`.embedding` (torch and timm), imported only on the paths that need it; where torch is
+    missing, an error saying that it is needed once per backbone, and how to install it."""
+    try:
+        from . import embedding
+    except ImportError as error:
+        if (error.name or "").split(".")[0] in TORCH_MODULES:
+            raise network_cache.torch_needed(what, error) from None
+        raise
+    return embedding
+
+
+def _not_built(pixels: np.ndarray) -> np.ndarray:  # pragma: no cover - replaced before any use
+    raise RuntimeError("the network is not set up yet")
+
 
 class PatchCore(BaseEstimator, Detector):
     """PatchCore anomaly detector (Roth et al., CVPR 2022).
@@ -63,10 +83,12 @@ class PatchCore(BaseEstimator, Detector):
         with ``"numpy"`` (blocked BLAS products, faster here) or ``"faiss"`` (IndexFlatL2), or approximate
         search with faiss ``"hnsw"`` or ``"ivfpq"`` (faster for large banks, scores may rise slightly; the
         share of exact nearest neighbours found is measured at fit: ``search_recall_``).
-    device: where the network runs: ``"auto"`` (a GPU when torch sees one, else the CPU), ``"cpu"``
-        or ``"cuda"``.
+    device: where the network runs: ``"auto"`` (a GPU when torch sees one, else the CPU; torch is not
+        imported where there is no NVIDIA driver), ``"cpu"`` or ``"cuda"``.
     runtime: what runs the network on the CPU: ``"auto"`` (ONNX Runtime when installed: 3-4x faster
-        than torch there, same features to 1e-6), ``"onnxruntime"`` or ``"torch"``.
+        than torch there, same features to 1e-6), ``"onnxruntime"`` or ``"torch"``. ONNX Runtime runs
+        the backbone's graph from the network cache (:mod:`.network_cache`): torch and timm are
+        imported only to build it, once per backbone and weights.
     threads: CPU threads for the network (default: every core).
     scratch_dir: folder for the training patches while fitting (default: the system's temporary
         folder; a warning says when that is RAM-backed, e.g. tmpfs).
@@ -162,24 +184,46 @@ class PatchCore(BaseEstimator, Detector):
         for name in [name for name in vars(self) if name.endswith("_") and not name.startswith("__")]:
             delattr(self, name)
 
-    def _build(self, spec: BackboneSpec, backbone) -> None:
-        """Set the fitted pieces that follow from the settings and the backbone."""
+    def _build(self, spec: BackboneSpec, graph: PatchGraph, torch_network=None) -> None:
+        """Set the fitted pieces that follow from the settings and the network's graph;
+        ``torch_network`` is the torch module when it was just built (kept if it runs)."""
         self.backbone_spec_ = spec
-        self.backbone_ = backbone
-        self.network_, self.embedding_, self.transform_ = feature_pipeline(
-            spec, backbone, self.feature_width, self.neighbourhood, self.resize, self.crop,
-            self.tile_size, self.tile_overlap, self.batch_size,
-        )
+        self.network_ = graph
+        if torch_network is not None:
+            self.torch_network_ = torch_network
+        self.transform_ = InputTransform(self.resize, self.crop, spec.mean, spec.std, stride=graph.stride, cell=graph.cell)
+        self.embedding_ = TiledEmbedding(_not_built, graph.stride, graph.cell, self.tile_size, self.tile_overlap,
+                                         self.batch_size)
         self.device_ = self._run_network_on(self.device)
+        if self.device_ == "onnxruntime":
+            self.__dict__.pop("torch_network_", None)  # not needed: free its memory
+
+    def _patch_graph(self, spec: BackboneSpec) -> tuple[PatchGraph, object]:
+        """The graph of the backbone with the model's weights: cached, else built with torch once."""
+        def build() -> NetworkParts:
+            embedding = _torch_half(f"the network graph of {spec.name} with weights {self.weights!r}")
+            return embedding.network_parts(spec, self.weights, self.feature_width, self.neighbourhood)
+
+        return network_cache.patch_graph(spec, self.weights, self.feature_width, self.neighbourhood, build)
+
+    def _torch_network(self):
+        """The patch network as a torch module (GPU, ``runtime="torch"``), made from the graph's weights."""
+        if not hasattr(self, "torch_network_"):
+            embedding = _torch_half("the torch network (device cuda or runtime torch)")
+            self.torch_network_ = embedding.network_from_arrays(
+                self.backbone_spec_, self.network_.weight_arrays(), self.feature_width, self.neighbourhood,
+                f"backbone weights of {self.backbone_spec_.name}")
+        return self.torch_network_
 
     def _run_network_on(self, device: str) -> str:
-        """Point the embedding at the network on ``device``; returns what ran: cuda, onnxruntime or torch."""
-        if self.threads is not None:
-            torch.set_num_threads(self.threads)
-        if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
-            if not torch.cuda.is_available():
-                raise ValueError("device 'cuda' was asked for, but torch sees no GPU (torch.cuda.is_available() is False)")
-            network = self.network_.to("cuda")
+        """Point the embedding at the network on ``device``; returns what ran: cuda, onnxruntime or torch.
+        Only cuda and the torch runtime import torch."""
+        if wants_cuda(device):
+            import torch
+
+            if self.threads is not None:
+                torch.set_num_threads(self.threads)
+            network = self._torch_network().to("cuda")
 
             def on_gpu(pixels: np.ndarray) -> np.ndarray:
                 with torch.inference_mode():
@@ -188,9 +232,13 @@ class PatchCore(BaseEstimator, Detector):
             self.embedding_.network = on_gpu
             return "cuda"
         if self.runtime == "onnxruntime" or (self.runtime == "auto" and onnxruntime_available()):
-            self.embedding_.network = OnnxNetwork(export_network(self.network_.cpu()), self.threads)
+            self.embedding_.network = OnnxNetwork(self.network_.graph_bytes(), self.threads)
             return "onnxruntime"
-        self.embedding_.network = self.network_.numpy
+        import torch
+
+        if self.threads is not None:
+            torch.set_num_threads(self.threads)
+        self.embedding_.network = self._torch_network().cpu().numpy
         return "torch"
 
     def feature_layers(self) -> list[str]:
@@ -223,7 +271,7 @@ class PatchCore(BaseEstimator, Detector):
         if not hasattr(self, "embedding_"):
             started = time.perf_counter()
             spec = resolve_spec(self.backbone, self.layers, self.feature_location)
-            self._build(spec, create_backbone(spec, self.weights))
+            self._build(spec, *self._patch_graph(spec))
             timings["backbone_load"] = time.perf_counter() - started
         sources = expand_sources(images)
         started = time.perf_counter()
@@ -294,22 +342,42 @@ class PatchCore(BaseEstimator, Detector):
         persistence.write_model(
             directory,
             settings=self.settings().to_json(),
-            state={"backbone_spec": spec, **self.decision_state(), **self.bank_state()},
-            tensors={
-                "memory_bank": self.bank_tensors(),
-                # Batch-norm step counters only matter for training (and are 0-d, which numpy files widen).
-                "backbone": {name: value.detach().cpu().numpy() for name, value in self.backbone_.network.state_dict().items()
-                             if not name.endswith("num_batches_tracked")},
-            },
+            state={"backbone_spec": spec, "network": self.network_.state(), **self.decision_state(), **self.bank_state()},
+            tensors={"memory_bank": self.bank_tensors(), "backbone": self.network_.weight_arrays()},
+            # The graph that scores it, so that loading needs no torch (content-addressed: versions share it).
+            blobs={"network": (".onnx", self.network_.graph_bytes())},
             event=self.version_event(event),
             keep_versions=keep_versions,
         )
 
+    def _saved_graph(self, directory: str | os.PathLike, spec: BackboneSpec, manifest: dict[str, Any],
+                     arrays: dict[str, np.ndarray], paths: dict[str, Path]) -> tuple[PatchGraph, object]:
+        """The graph of a saved model: its own (which also fills the network cache), or for models
+        saved before they kept it, the cached graph of its backbone weights (built with torch the
+        first time)."""
+        state = manifest["state"]
+        if "network" in paths and state.get("network") is not None:
+            graph = PatchGraph.of_saved_model(state["network"], paths["network"], manifest["files"]["network"]["sha256"],
+                                              arrays)
+            # The cache's copy when it is this graph: files that outlive the model directory, and
+            # the weights stay on disk instead of in memory.
+            cached = network_cache.remember(graph, {"backbone": spec.name, "from_saved_model": str(directory)})
+            return cached or graph, None
+
+        def build() -> NetworkParts:
+            embedding = _torch_half(f"{directory}: saved without its network graph, the graph of {spec.name}")
+            return embedding.parts_from_arrays(spec, arrays, self.feature_width, self.neighbourhood,
+                                               f"{directory}: backbone weights")
+
+        return network_cache.graph_of_weights(spec, manifest["files"]["backbone"]["sha256"], self.feature_width,
+                                              self.neighbourhood, build)
+
     @classmethod
     def load(cls, directory: str | os.PathLike, threads: int | None = None) -> "PatchCore":
         """Read a model written by :meth:`save`; scores are bit-identical to the saved model's.
-        ``threads`` overrides the CPU threads of the network."""
-        manifest, tensors, _ = persistence.read_model(directory)
+        ``threads`` overrides the CPU threads of the network. Runs without torch (from the graph
+        the model keeps; models saved before it kept one need torch once, then the cache)."""
+        manifest, tensors, paths = persistence.read_model(directory)
         if manifest["format"] != persistence.FORMAT_NAME:
             raise ModelFormatError(f"{directory}: an exported model (runs without torch): load it with "
                                    "patchcore.load_model or patchcore.ExportedModel.load")
@@ -322,10 +390,7 @@ class PatchCore(BaseEstimator, Detector):
             for key in ("layers", "mean", "std"):
                 spec_fields[key] = tuple(spec_fields[key])
             spec = BackboneSpec(**spec_fields)
-            backbone = build_network(spec)
-            weights = {name: torch.from_numpy(value) for name, value in tensors["backbone"].items()}
-            load_into(backbone.network, weights, f"{directory}: backbone weights")
-            model._build(spec, backbone)
+            model._build(spec, *model._saved_graph(directory, spec, manifest, tensors["backbone"], paths))
             model.restore_bank(tensors["memory_bank"], state)
             model.restore_decision_state(state)
         except (KeyError, TypeError, ValueError) as exc:
