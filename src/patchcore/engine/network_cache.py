@@ -81,7 +81,7 @@ def cache_directory(override: str | os.PathLike | None = None) -> Path:
     return Path(base) / "patchcore"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # holds arrays: compared by identity
 class NetworkParts:
     """What building a patch network with torch gives (see :func:`patchcore.engine.embedding.network_parts`)."""
 
@@ -98,7 +98,7 @@ class NetworkParts:
     network: Any = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # holds arrays: compared by identity
 class PatchGraph:
     """A patch network as ONNX Runtime runs it: the graph, the backbone weights (kept for saving
     and for the torch paths), and the geometry the rest of PatchCore needs."""
@@ -216,6 +216,7 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 def _file_digest(path: Path, root: Path, source_id: str) -> str:
     """The SHA-256 of weights file ``path``, remembered with its size and time under ``source_id``
     (hashing a large file on every fit would cost a second)."""
+    path = path.resolve()
     status = path.stat()
     record_path = _record_path(root, source_id)
     record = _read_json(record_path)

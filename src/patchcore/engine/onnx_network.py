@@ -2,8 +2,8 @@
 for EfficientNet-Lite on a plain CPU (measured on this project's 2-core Xeon), and needs no torch.
 
 :func:`export_network` (needs torch) writes a :class:`~patchcore.engine.embedding.PatchNetwork`
-as a graph with a dynamic batch and image size; :class:`OnnxNetwork` (needs only onnxruntime)
-runs one.
+as a graph with a dynamic batch and image size, once per backbone (:mod:`.network_cache` keeps
+it); :class:`OnnxNetwork` (needs only onnxruntime) runs one: in fits, saved models and exports.
 """
 
 from __future__ import annotations
