@@ -15,9 +15,9 @@ not unwind within :data:`GRACE_SECONDS` (busy in C code that does not return to 
 thread removes the temporary files being written and ends the process itself; a second signal does
 that at once.
 
-Temporary files: any ``patchcore`` module that writes a file under a temporary name keeps the
-paths being written in a module-level set ``PENDING_TEMPORARY`` (``patchcore.engine.persistence``
-does); a stop removes whatever is listed there.
+Temporary files: every file patchcore writes under a temporary name is listed in
+:data:`patchcore.engine.atomic_files.PENDING_TEMPORARY` while it is written (model saves,
+``scores.csv`` rewrites, overlays, evaluation summaries); a stop removes whatever is listed there.
 """
 
 from __future__ import annotations
@@ -42,8 +42,6 @@ GRACE_SECONDS = 1.5
 #: Seconds after which a process that even the watchdog could not end (C code holding the
 #: interpreter lock) is ended from C by :mod:`faulthandler`, with status 1.
 HARD_STOP_SECONDS = 3.0
-#: Name of the module-level set in which a module lists the temporary files it is writing.
-PENDING_ATTRIBUTE = "PENDING_TEMPORARY"
 
 
 class Interrupted(KeyboardInterrupt):
@@ -73,14 +71,10 @@ def stop_message(signum: int, command: str) -> str:
 
 
 def pending_temporary_files() -> list[Path]:
-    """Every path that an imported ``patchcore`` module lists as being written under a temporary name."""
-    paths: list[Path] = []
-    for name, module in list(sys.modules.items()):
-        if name.startswith("patchcore.") and module is not None:
-            pending = getattr(module, "__dict__", {}).get(PENDING_ATTRIBUTE)  # not getattr(): no module __getattr__
-            if isinstance(pending, (set, frozenset, list, tuple)):
-                paths.extend(Path(path) for path in tuple(pending))  # tuple(): one step, safe beside the main thread
-    return paths
+    """Every path being written under a temporary name (:mod:`patchcore.engine.atomic_files`)."""
+    from ..engine.atomic_files import PENDING_TEMPORARY
+
+    return list(tuple(PENDING_TEMPORARY))  # tuple(): one step, safe beside the main thread
 
 
 def remove_pending_temporary_files() -> list[Path]:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from filelock import FileLock
 from safetensors.numpy import load_file, save_file
 
 from ..errors import ModelFormatError
+from .atomic_files import PENDING_TEMPORARY, atomic_path, temporary_name, writing
 from .digest import file_sha256
 
 FORMAT_NAME = "patchcore-model"
@@ -48,10 +48,6 @@ HISTORY = "history.jsonl"
 LOCK = ".lock"
 #: Versions a model directory keeps restorable by default.
 KEEP_VERSIONS = 10
-
-#: Temporary files being written right now (an interrupted process removes them on its way out).
-PENDING_TEMPORARY: set[Path] = set()
-
 
 def _fsync(path: Path) -> None:
     """Flush a file, or a directory's entries, to disk. Directories cannot be opened for that on
@@ -82,40 +78,19 @@ def model_lock(directory: str | os.PathLike) -> FileLock:
 
 def _store(directory: Path, role: str, suffix: str, write) -> dict[str, Any]:
     """Write a file with ``write(path)``, flush it, and give it its content-addressed name."""
-    with tempfile.NamedTemporaryFile(dir=directory, prefix=f".{role}-", suffix=".tmp", delete=False) as handle:
-        temporary = Path(handle.name)
-    PENDING_TEMPORARY.add(temporary)
-    try:
+    with writing(temporary_name(directory, role)) as temporary:
         write(temporary)
         _fsync(temporary)
         checksum = file_sha256(temporary)
         final = directory / f"{role}-{checksum[:16]}{suffix}"
         os.replace(temporary, final)
-    finally:
-        temporary.unlink(missing_ok=True)
-        PENDING_TEMPORARY.discard(temporary)
     return {"file": final.name, "sha256": checksum, "bytes": final.stat().st_size}
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     """Write JSON next to ``path``, flush it, and rename it into place (atomic)."""
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=".manifest-", suffix=".tmp", delete=False) as handle:
-        temporary = Path(handle.name)
-        PENDING_TEMPORARY.add(temporary)
-        try:
-            json.dump(data, handle, indent=2, sort_keys=True)
-            handle.flush()
-            os.fsync(handle.fileno())
-        except BaseException:
-            handle.close()
-            temporary.unlink(missing_ok=True)
-            PENDING_TEMPORARY.discard(temporary)
-            raise
-    try:
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-        PENDING_TEMPORARY.discard(temporary)
+    with atomic_path(path, durable=True) as temporary:
+        temporary.write_text(json.dumps(data, indent=2, sort_keys=True), encoding="utf-8")
 
 
 def _version_path(directory: Path, version: int) -> Path:

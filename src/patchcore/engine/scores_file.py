@@ -18,11 +18,11 @@ from __future__ import annotations
 import csv
 import io
 import os
-import tempfile
 from pathlib import Path
 from typing import Iterable, TextIO
 
 from ..errors import PatchCoreError
+from .atomic_files import atomic_path
 
 COLUMNS = ("path", "score", "is_anomalous", "error", "model_sha256")
 
@@ -140,14 +140,5 @@ def _check_rows(path: Path, rows: list[list[str]], model_sha256: str, asked: str
 
 def _replace(path: Path, rows: list[list[str]]) -> None:
     """Rewrite ``path`` with ``rows`` in one step: a crash leaves the old file or the new one, whole."""
-    handle = tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}-", suffix=".tmp", newline="",
-                                         encoding="utf-8", delete=False)
-    temporary = Path(handle.name)
-    try:
-        with handle:
-            csv.writer(handle, lineterminator="\n").writerows(rows)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)  # left only when writing failed
+    with atomic_path(path, durable=True) as temporary, open(temporary, "w", newline="", encoding="utf-8") as handle:
+        csv.writer(handle, lineterminator="\n").writerows(rows)

@@ -10,6 +10,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ..engine.atomic_files import atomic_path
+
 #: The keys of every result row (``metrics.json``, ``metrics.csv``, ``--json``), in order.
 KEYS = (
     "category",
@@ -74,17 +76,14 @@ def write_summary(output: Path, rows: list[dict]) -> None:
     """``metrics.json`` (rows + mean) and ``metrics.csv`` in ``output``, each replaced atomically."""
     output.mkdir(parents=True, exist_ok=True)
     public = [public_row(row) for row in rows] + [mean_row(rows)]
-    tmp = output / "metrics.json.tmp"
-    tmp.write_text(json.dumps(public, indent=2, default=json_default) + "\n")
-    tmp.replace(output / "metrics.json")
-    tmp = output / "metrics.csv.tmp"
+    with atomic_path(output / "metrics.json") as temporary:
+        temporary.write_text(json.dumps(public, indent=2, default=json_default) + "\n")
     columns = [key for key in KEYS if key != "defect_image_auroc"]
-    with open(tmp, "w", newline="") as handle:
+    with atomic_path(output / "metrics.csv") as temporary, open(temporary, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=[*columns, "error"])
         writer.writeheader()
         for row in public:
             writer.writerow({key: ("" if row.get(key) is None else row.get(key)) for key in (*columns, "error")})
-    tmp.replace(output / "metrics.csv")
 
 
 def format_table(rows: Sequence[dict]) -> str:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ...engine.atomic_files import atomic_path
 from ..summary import number, percent
 
 #: Per-cell values shown for every experiment, after the cell's own columns.
@@ -99,13 +100,11 @@ def write_csv(rows: list[dict], path: Path) -> None:
     fields: list[str] = []
     for entry in flat:
         fields += [k for k in entry if k not in fields]
-    tmp = path.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="") as handle:
+    with atomic_path(path) as temporary, open(temporary, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=fields)
         writer.writeheader()
         for entry in flat:
             writer.writerow({k: ("" if entry.get(k) is None else entry.get(k)) for k in fields})
-    tmp.replace(path)
 
 
 def markdown_page(name: str, notes: list[str], header: list[str], lines: list[list[str]], eval_size: int | None) -> str:
