@@ -381,6 +381,53 @@ def test_load_is_shed_with_503_once_the_queue_is_full(model_dir):
         assert metrics.waiting == 0 and metrics.in_flight == 0
 
 
+def test_uploads_are_decoded_while_the_slot_scores_another(model_dir):
+    """Decoding runs in a pool of its own, before a request takes a slot: with the only slot held
+    by a first photo, a corrupt second upload is already answered (422) by its decoder."""
+    app = create_app({"tiny": model_dir}, inference_slots=1, max_queue=4)
+    gated = _gate_model(app)
+    body = (BAD_INPUTS / "gray.png").read_bytes()
+    with TestClient(app, raise_server_exceptions=False) as client, ThreadPoolExecutor(2) as pool:
+        try:
+            first = pool.submit(client.post, PREDICT, content=body, headers={"content-type": "image/png"})
+            _wait_for(lambda: gated.entered.is_set(), "the slot is taken")
+            corrupt = pool.submit(client.post, PREDICT, content=(BAD_INPUTS / "truncated.png").read_bytes(),
+                                  headers={"content-type": "image/png"})
+            _wait_for(corrupt.done, "the corrupt upload is answered while the slot is held")
+            assert corrupt.result().status_code == 422 and not first.done()
+        finally:
+            gated.gate.set()
+        assert first.result().status_code == 200
+        assert "decode" in first.result().json()["timing_ms"]
+
+
+def test_decoded_photos_waiting_for_a_slot_are_bounded(model_dir):
+    """However many requests wait, at most slots + decoders photos are decoded at once; the others
+    wait as their upload's bytes, and all are answered once the slot frees."""
+    app = create_app({"tiny": model_dir}, inference_slots=1, max_queue=100)
+    gated = _gate_model(app)
+    runner, metrics = app.state.runner, app.state.metrics
+    bound = runner.slots + runner.decoders
+    body = (BAD_INPUTS / "gray.png").read_bytes()
+    requests = bound + 5
+    held: list[int] = []
+
+    def all_waiting() -> bool:
+        held.append(runner.photos_held)
+        return gated.entered.is_set() and metrics.waiting == requests - 1 and runner.photos_held == bound
+
+    with TestClient(app, raise_server_exceptions=False) as client, ThreadPoolExecutor(requests) as pool:
+        try:
+            posts = [pool.submit(client.post, PREDICT, content=body, headers={"content-type": "image/png"})
+                     for _ in range(requests)]
+            _wait_for(all_waiting, f"{requests} requests admitted, {bound} photos decoded")
+        finally:
+            gated.gate.set()
+        assert [post.result().status_code for post in posts] == [200] * requests
+    assert max(held) == bound and runner.photos_held == 0
+    assert metrics.waiting == 0 and metrics.in_flight == 0
+
+
 def test_health_and_metrics_answer_while_scoring_holds_every_slot_and_thread(model_dir):
     """More scoring requests than inference slots and web thread-pool tokens together are held at a
     blocking point; /healthz and /metrics still answer, before any of them is released. (When the

@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import ImageLoadError
+from . import png_decoding
 from .geometry import Placement
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
@@ -248,6 +249,10 @@ def read_image(
     use; a JPEG is then decoded at the smallest of its DCT scales (1/2, 1/4, 1/8) that is at least
     that big, several times faster than decoding every pixel. The photo's own upright size is kept
     in ``image.info["original_size"]``.
+
+    PNG pixels come from libspng where it is installed and gives Pillow's result exactly
+    (:mod:`~patchcore.engine.png_decoding`); Pillow still reads the header first, so size limits,
+    accepted formats and errors in the header are checked as for every other image.
     """
     name = name or source_name(source, position)
     if isinstance(source, (np.ndarray, Image.Image)):
@@ -258,19 +263,24 @@ def read_image(
         except ValueError as exc:  # an image of no usable shape or type: say which and why
             raise ImageLoadError(name, str(exc)) from None
     try:
+        data = None  # the file's bytes, when its pixels may come from libspng
         if isinstance(source, (bytes, bytearray, memoryview)):
             if not len(source):
                 raise ImageLoadError(name, "empty image data (zero bytes)")
+            data = source
             stream = io.BytesIO(source)
         else:
             path = Path(source)
             if not path.is_file():
                 raise ImageLoadError(name, "file not found" if not path.exists() else "not a file")
-            stream = path
+            data = _png_file_bytes(path) if png_decoding.available() else None
+            stream = path if data is None else io.BytesIO(data)
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(stream, formats=formats) as opened:
                 _check_pixels(name, opened.width, opened.height, max_pixels)
+                if data is not None and opened.format == "PNG" and (fast := _libspng_image(opened, data)) is not None:
+                    return fast
                 turned = opened.getexif().get(_ORIENTATION, 1) in _TURNED
                 original = (opened.height, opened.width) if turned else opened.size
                 if needed_size is not None and opened.format == "JPEG":
@@ -300,6 +310,27 @@ def read_image(
         raise TooManyPixels(name, "image is too large to decode safely (out of memory while decoding)") from None
     except Exception as exc:  # decoders raise many kinds on hostile input; all mean "bad image"
         raise ImageLoadError(name, f"corrupt or truncated image ({type(exc).__name__}: {exc})") from None
+
+
+def _png_file_bytes(path: Path) -> bytes | None:
+    """The bytes of the file at ``path`` if it is a PNG (for libspng), else None (Pillow reads it)."""
+    with open(path, "rb") as file:
+        head = file.read(len(png_decoding.SIGNATURE))
+        return head + file.read() if head == png_decoding.SIGNATURE else None
+
+
+def _libspng_image(opened: Image.Image, data: bytes | bytearray | memoryview) -> Image.Image | None:
+    """The RGB image of the PNG that Pillow ``opened`` from ``data``, its pixels decoded by
+    libspng; None where Pillow must decode them (:func:`png_decoding.decode_png`)."""
+    layout = png_decoding.png_layout(data)
+    if layout is None or (layout.width, layout.height) != opened.size:
+        return None
+    pixels = png_decoding.decode_png(data, layout)
+    if pixels is None:
+        return None
+    image = Image.fromarray(pixels)
+    image.info["original_size"] = opened.size
+    return image
 
 
 #: EXIF orientation tag; its values 5-8 turn the photo by 90 degrees (width and height swap).
