@@ -2,6 +2,13 @@
 
     python benchmarks/bench_memory.py                    # 1,000 / 2,000 / 4,000 generated images
     python benchmarks/bench_memory.py --sizes 500,1000 --coverage 60000
+    python benchmarks/bench_memory.py --commands [--before OLD/src]   # fit, evaluate, serve on bottle
+
+``--commands`` measures the peak RSS (``/usr/bin/time -v``) and wall time of ``patchcore fit`` on
+MVTec bottle's training images, ``patchcore evaluate`` on bottle and ``patchcore serve`` of the
+saved model answering one request, each at the defaults in a fresh process: with an empty network
+cache (torch builds the graph), with the cache warm, and with ``--before`` for the code of another
+source tree (``git worktree add /tmp/before SHA``; ``--before /tmp/before/src``), interleaved.
 
 Each size runs in a fresh process (so that its peak RSS is its own) with the default settings
 on generated 256x256 textures (PNG files written first). Prints fit seconds, peak RSS, the
@@ -17,6 +24,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -127,13 +135,99 @@ def coverage_and_auroc(n_vectors: int) -> None:
         + f"; difference {abs(means['float16 on disk'] - means['float32 in memory']):.4f}")
 
 
+def timed(command: list[str], env: dict[str, str]) -> dict:
+    """Run ``command`` under ``/usr/bin/time -v``: wall seconds, peak RSS in MiB, exit status."""
+    started = time.perf_counter()
+    result = subprocess.run(["/usr/bin/time", "-v", *command], capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - started
+    peak = next((int(line.split(":")[1]) for line in result.stderr.splitlines() if "Maximum resident set size" in line), 0)
+    if result.returncode != 0:
+        print(result.stderr[-3000:], file=sys.stderr)
+    return {"seconds": wall, "peak_mib": peak / 1024, "status": result.returncode}
+
+
+def serve_once(model: Path, image: Path, env: dict[str, str]) -> dict:
+    """``patchcore serve`` of ``model`` under ``/usr/bin/time -v`` until it has answered one request:
+    seconds from start to the answer, peak RSS in MiB, the score."""
+    import signal
+    import socket
+    import urllib.request
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = ["/usr/bin/time", "-v", sys.executable, "-m", "patchcore.cli", "serve", str(model), "--port", str(port),
+               "--no-teach-in", "--threads", "2"]
+    started = time.perf_counter()
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        while True:
+            if server.poll() is not None:
+                raise RuntimeError(f"serve stopped: {server.stderr.read()[-2000:]}")
+            try:
+                urllib.request.urlopen(f"{base}/healthz", timeout=1).read()
+                break
+            except OSError:
+                time.sleep(0.05)
+        request = urllib.request.Request(f"{base}/v1/models/{model.name}/predict", data=image.read_bytes(),
+                                         headers={"content-type": "image/png"})
+        score = json.loads(urllib.request.urlopen(request, timeout=600).read())["score"]
+        answered = time.perf_counter() - started
+    finally:
+        children = Path(f"/proc/{server.pid}/task/{server.pid}/children").read_text().split()
+        for child in children:  # the interpreter under time: it shuts the server down on SIGINT
+            os.kill(int(child), signal.SIGINT)
+        _, errors = server.communicate(timeout=60)
+    peak = next((int(line.split(":")[1]) for line in errors.splitlines() if "Maximum resident set size" in line), 0)
+    return {"seconds": answered, "peak_mib": peak / 1024, "score": score}
+
+
+def commands(data: Path, before: str | None, scratch: Path) -> None:
+    """Fit, evaluate and serve at the defaults on ``data`` (an MVTec category): this tree with a
+    cold and a warm network cache, and the tree ``before`` (its ``src``) when given."""
+    trees = [("after, empty cache", None, True), ("after, warm cache", None, False)]
+    if before:
+        trees.insert(0, ("before", before, False))
+    cache = scratch / "network-cache"
+    image = sorted((data / "test" / "broken_large").glob("*.png"))[0]
+    for label, source, empty in trees:
+        env = {**os.environ, "PATCHCORE_CACHE": str(cache)}
+        if source:
+            env["PYTHONPATH"] = source
+        if empty:
+            shutil.rmtree(cache, ignore_errors=True)
+        name = label.split(",")[0] + ("-cold" if empty else "")
+        model = scratch / "models" / name.replace(" ", "-")
+        shutil.rmtree(model, ignore_errors=True)
+        fit = timed([sys.executable, "-m", "patchcore.cli", "fit", str(data / "train" / "good"), "-o", str(model)], env)
+        if empty:
+            shutil.rmtree(cache, ignore_errors=True)
+        evaluate = timed([sys.executable, "-m", "patchcore.cli", "evaluate", str(data), "-o",
+                          str(scratch / f"evaluation-{name}"), "--json"], env)
+        served = serve_once(model, image, env)
+        print(f"{label:20s} fit {fit['seconds']:6.1f} s {fit['peak_mib']:6.0f} MiB | evaluate {evaluate['seconds']:6.1f} s "
+              f"{evaluate['peak_mib']:6.0f} MiB | serve to first answer {served['seconds']:5.1f} s "
+              f"{served['peak_mib']:5.0f} MiB (score {served['score']:.4f}) | status {fit['status']}/{evaluate['status']}",
+              flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="1000,2000,4000")
     parser.add_argument("--coverage", type=int, default=60000, help="vectors for the coverage comparison (0: skip)")
     parser.add_argument("--folder", default=None, help="where the generated images go (default: a temporary folder)")
     parser.add_argument("--one", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--commands", action="store_true", help="fit, evaluate and serve on --data (see above)")
+    parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data" / "mvtec" / "bottle")
+    parser.add_argument("--before", default=None, metavar="SRC", help="with --commands: another tree's src folder")
     args = parser.parse_args()
+    if args.commands:
+        if not (args.data / "train" / "good").is_dir():
+            parser.error(f"{args.data}: not an MVTec category (no train/good); give one with --data")
+        with tempfile.TemporaryDirectory() as scratch:
+            commands(args.data, args.before, Path(scratch))
+        return
     if args.one:
         print(json.dumps(fit_one(args.one[0], int(args.one[1]))))
         return

@@ -27,28 +27,43 @@ from patchcore.engine import network_cache
 from patchcore.engine.backbone_specs import resolve_spec
 from patchcore.engine.devices import nvidia_driver_present
 
-#: Makes importing torch, timm and torchvision fail, as where they are not installed.
-BLOCK_TORCH = """import sys
-class _NoTorch:
+#: The training extra's modules that the torch-free paths must not import.
+TORCH = ("torch", "timm", "torchvision")
+#: And scikit-learn, which the base install (saved models, exports, the service) lacks too.
+BASE_INSTALL_LACKS = TORCH + ("sklearn",)
+
+
+def block(modules: tuple[str, ...]) -> str:
+    """Code making the import of ``modules`` fail, as where they are not installed."""
+    return f"""import sys
+class _Missing:
     def find_spec(self, name, path=None, target=None):
-        if name.split('.')[0] in ('torch', 'timm', 'torchvision'):
-            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-sys.meta_path.insert(0, _NoTorch())
+        if name.split('.')[0] in {modules!r}:
+            raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+sys.meta_path.insert(0, _Missing())
 """
-#: Checked at the end of every torch-free script.
-NOTHING_IMPORTED = """
-loaded = [m for m in sys.modules if m.split('.')[0] in ('torch', 'timm', 'torchvision')]
-assert not loaded, f'imported: {loaded}'
+
+
+def nothing_imported(modules: tuple[str, ...]) -> str:
+    """Code checking, at the end of a script, that none of ``modules`` was imported."""
+    return f"""
+loaded = [m for m in sys.modules if m.split('.')[0] in {modules!r}]
+assert not loaded, f'imported: {{loaded}}'
 """
+
+
+BLOCK_TORCH = block(TORCH)
+NOTHING_IMPORTED = nothing_imported(TORCH)
 #: The command-line options of :func:`small_model_settings`.
 FAST_OPTIONS = ["--backbone", "efficientnet_lite0", "--search-backend", "numpy", "--max-bank-size", "none",
                 "--resize", "64", "--crop", "64", "--coreset-ratio", "0.25", "--batch-size", "4"]
 
 
-def _run(code: str, cache: Path, block_torch: bool = True) -> subprocess.CompletedProcess:
-    """Run ``code`` in a fresh interpreter with the network cache in ``cache``."""
+def _run(code: str, cache: Path, block_torch: bool = True, missing: tuple[str, ...] = TORCH) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh interpreter with the network cache in ``cache`` where ``missing``
+    cannot be imported (unless not ``block_torch``)."""
     env = {**os.environ, network_cache.CACHE_ENV: str(cache)}
-    script = (BLOCK_TORCH if block_torch else "import sys\n") + code + (NOTHING_IMPORTED if block_torch else "")
+    script = (block(missing) if block_torch else "import sys\n") + code + (nothing_imported(missing) if block_torch else "")
     return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
                           cwd=Path(__file__).parent)
 
@@ -178,6 +193,7 @@ print('exit', main(['fit', {train!r}, '-o', {str(tmp_path / 'model')!r}, *{FAST_
 
 def test_a_saved_model_carries_its_graph_loads_without_torch_or_cache_and_fills_the_cache(reference, tmp_path,
                                                                                           product_images):
+    """Scored and served as the base install would (no torch, timm nor scikit-learn), with an empty cache."""
     graphs = list(reference["directory"].glob("network-*.onnx"))
     assert len(graphs) == 1
     manifest = json.loads((reference["directory"] / "patchcore.json").read_text())
@@ -191,12 +207,19 @@ from conftest import small_model_settings
 model = PatchCore.load({str(reference['directory'])!r})
 scores = [p.score for p in model.predict({reference['images']!r}, maps=False)]
 refit = PatchCore(**small_model_settings()).fit({train!r})  # the cache now holds the backbone's graph
-print(json.dumps({{'scores': scores, 'refit': [p.score for p in refit.predict({reference['images']!r}, maps=False)]}}))
+from fastapi.testclient import TestClient
+from patchcore.serving.app import create_app
+client = TestClient(create_app({{'m': {str(reference['directory'])!r}}}))
+served = client.post('/v1/models/m/predict', content=open({reference['images'][0]!r}, 'rb').read(),
+                     headers={{'content-type': 'image/png'}}).json()['score']
+print(json.dumps({{'scores': scores, 'refit': [p.score for p in refit.predict({reference['images']!r}, maps=False)],
+                  'served': served}}))
 """
-    result = _run(code, empty)
+    result = _run(code, empty, missing=BASE_INSTALL_LACKS)
     assert result.returncode == 0, result.stderr
     got = json.loads(result.stdout.strip().splitlines()[-1])
     assert got["scores"] == reference["scores"] and got["refit"] == reference["scores"]
+    assert got["served"] == reference["scores"][0]
     assert network_cache.lookup(key, empty) is not None
 
 
