@@ -14,11 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import MVTEC_BOTTLE
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from conftest import MVTEC_BOTTLE
 from patchcore.engine import png_decoding
 from patchcore.engine.images import TooManyPixels, read_image
 from patchcore.errors import ImageLoadError
