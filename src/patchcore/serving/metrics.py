@@ -37,7 +37,7 @@ class Metrics:
                                   ["endpoint"], buckets=LATENCY_BUCKETS, registry=own)
         self._inferences = Counter("patchcore_inferences", "Images scored, by model and outcome.",
                                    ["model", "outcome"], registry=own)
-        self._in_flight_gauge = Gauge("patchcore_inferences_in_flight", "Images being decoded or scored now.",
+        self._in_flight_gauge = Gauge("patchcore_inferences_in_flight", "Images being scored now (decoding counts as waiting).",
                                       registry=own, multiprocess_mode="livesum")
         self._waiting_gauge = Gauge("patchcore_inference_queue", "Requests waiting for an inference slot.",
                                     registry=own, multiprocess_mode="livesum")
