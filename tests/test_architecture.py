@@ -1,4 +1,4 @@
-"""The package's layers: imports flow one way (cli -> serving/evaluation -> engine), with no cycles."""
+"""The package's layers: imports flow one way (cli -> serving -> station -> engine; cli -> evaluation, fleet -> engine), with no cycles."""
 
 import ast
 from pathlib import Path
@@ -10,9 +10,10 @@ PACKAGE = Path(patchcore.__file__).parent
 ALLOWED = {
     "engine": set(),
     "evaluation": {"engine"},
-    "serving": {"engine"},
+    "station": {"engine"},
+    "serving": {"engine", "station"},
     "fleet": {"engine"},
-    "cli": {"engine", "evaluation", "serving", "fleet"},
+    "cli": {"engine", "evaluation", "serving", "fleet", "station"},
 }
 
 

@@ -27,6 +27,9 @@ def add_parser(commands) -> None:
     parser.add_argument("--threads", type=int, default=None, help="CPU threads of each model's network (default: every core)")
     parser.add_argument("--max-queue", type=int, default=64,
                         help="requests that may wait for a free scoring slot; more are refused at once with 503 (default: 64)")
+    parser.add_argument("--history", default=None, metavar="URL",
+                        help="record every scored request (source 'service') in this history database: a SQLite file "
+                             "path, sqlite:///FILE or postgresql://... (the one 'patchcore watch' writes)")
     teach = parser.add_argument_group("teach-in (POST /v1/models/{name}/good and .../rollback change the model)")
     teach.add_argument("--teach-token-file", default=None, metavar="FILE",
                        help="the teach-in tokens, 'NAME TOKEN' per line, readable by their owner only; created with "
@@ -62,5 +65,6 @@ def run(args: argparse.Namespace) -> int:
           max_upload_bytes=int(math.floor(args.max_upload_mb * 2**20)), threads=args.threads,
           max_queue=args.max_queue, teach_token_file=str(token_file) if token_file else None,
           allowed_origins=args.allow_origin, teach_max_images=args.teach_max_images,
-          teach_max_megapixels=args.teach_max_megapixels)
+          teach_max_megapixels=args.teach_max_megapixels,
+          history_url=args.history)
     return 0

@@ -17,6 +17,7 @@ This module only wires them.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from typing import Mapping, Sequence
@@ -58,16 +59,21 @@ def create_app(
     allowed_origins: Sequence[str] = (),
     teach_max_images: int = DEFAULT_MAX_IMAGES,
     teach_max_megapixels: float = DEFAULT_MAX_MEGAPIXELS,
+    history_url: str | os.PathLike | None = None,
 ):
     """The FastAPI app serving ``{name: model directory}``; each model is loaded once, here.
 
     ``inference_slots`` (default: CPU cores / ``threads``, at least 1) bounds how many images are
-    decoded and scored at once; a request that finds no free slot waits, unless ``max_queue``
-    requests already wait: then it gets 503. ``threads``: CPU threads of each model's network.
+    scored at once (each decoded just before, in a small pool of its own); a request that finds no
+    free slot waits, unless ``max_queue`` requests already wait: then it gets 503. ``threads``:
+    CPU threads of each model's network.
     ``teach_token_file``: the teach-in tokens (:mod:`.teach_tokens`); without one, teach-in and
     rollback are off. ``allowed_origins``: web origins besides the service's own whose pages may
     teach (a reverse proxy's public address, when it rewrites ``Host``). ``teach_max_images`` and
-    ``teach_max_megapixels`` bound one teach-in request.
+    ``teach_max_megapixels`` bound one teach-in request. ``history_url``: a history database
+    (:mod:`patchcore.station.history`: a SQLite file or ``postgresql://...``) in which every scored
+    request is recorded with source ``service``, by a writer thread, so that recording never holds
+    up an answer (``app.state.history``: the :class:`~patchcore.station.writer.HistoryWriter`).
     """
     # The web stack is imported here, so that importing this module (the CLI does) stays light.
     from fastapi import FastAPI
@@ -86,8 +92,10 @@ def create_app(
     runner = InferenceRunner(metrics, inference_slots if inference_slots is not None else default_slots(threads), max_queue,
                              max_image_pixels, max_input_pixels, max_map_side)
 
-    app = FastAPI(title="patchcore", version=__version__,
+    history = _open_history(history_url)
+    app = FastAPI(title="patchcore", version=__version__, lifespan=_lifespan,
                   description="PatchCore anomaly detection: score images, get anomaly heat maps and masks.")
+    app.state.history = history
     app.state.models = models
     app.state.metrics = metrics
     app.state.runner = runner
@@ -108,6 +116,28 @@ def create_app(
     app.add_middleware(RequestGuard, max_body_bytes=max_upload_bytes + MULTIPART_OVERHEAD,
                        upload_limit=max_upload_bytes, metrics=metrics)
     return app
+
+
+def _open_history(history_url: str | os.PathLike | None):
+    """The writer of the service's verdicts into the history database, or ``None`` without one."""
+    if history_url is None:
+        return None
+    from ..station.history import History
+    from ..station.writer import HistoryWriter
+
+    history = History(history_url)
+    logger.info("recording every scored request in %s", history.name)
+    return HistoryWriter(history, on_problem=lambda message: logger.warning("history: %s", message))
+
+
+@contextlib.asynccontextmanager
+async def _lifespan(app):
+    """On shutdown, commit the verdicts still queued for the history database."""
+    yield
+    writer = getattr(app.state, "history", None)
+    if writer is not None:
+        writer.close()
+        writer.history.close()
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None):

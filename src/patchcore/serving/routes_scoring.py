@@ -7,11 +7,17 @@ agree with the service.
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import logging
+import socket
 import time
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
 
+from ..engine.persistence import model_sha256
+from ..errors import PatchCoreError
 from .guard import ServiceError, UploadTooLarge
 from .inference import UPLOAD_FORMATS
 from .routes_dependencies import Runner, Served, ServiceLimits, error_responses
@@ -52,6 +58,7 @@ UPLOAD_ERRORS = error_responses({
 })
 
 router = APIRouter(tags=["models"])
+logger = logging.getLogger("patchcore.service")
 
 
 async def read_upload(request: Request, max_upload_bytes: int) -> tuple[bytes, str]:
@@ -120,4 +127,30 @@ async def predict(
         "receive": round(received * 1000.0, 3),
         **result["timing_ms"],
     }
+    history = getattr(request.app.state, "history", None)
+    if history is not None:
+        _record(history, model, data, filename, result)
     return result
+
+
+@functools.lru_cache(maxsize=64)
+def _model_sha256(directory: str, stamp: tuple[int, int, int]) -> str:
+    """The SHA-256 of a served version's manifest, once per version (``stamp`` names the version)."""
+    return model_sha256(directory)
+
+
+def _record(writer, served, data: bytes, filename: str, result: dict) -> None:
+    """Queue the verdict for the history database (``patchcore serve --history``). A database
+    that stopped taking verdicts is logged, and the answer still goes out: the line needs it."""
+    from ..station.schema import Inspection
+
+    verdict = "unrated" if result["is_anomalous"] is None else ("ng" if result["is_anomalous"] else "ok")
+    try:
+        writer.put(Inspection(
+            source="service", station=socket.gethostname(), photo_path=filename,
+            photo_sha256=hashlib.sha256(data).hexdigest(), model_name=served.name, model_version=served.version,
+            model_sha256=_model_sha256(str(served.directory), served.stamp), score=float(result["score"]),
+            verdict=verdict, threshold=served.threshold, pixel_threshold=served.pixel_threshold,
+            timings=dict(result["timing_ms"])))
+    except (PatchCoreError, OSError) as error:
+        logger.error("not recorded in the history database: %s", error)

@@ -46,6 +46,11 @@ def serve(
         uvicorn.run(create_app(model_dirs, max_upload_bytes, **options), **settings)
     else:
         load_models(model_dirs)  # fail here, once, with a clear message, rather than in every worker
+        if options.get("history_url") is not None:  # likewise the history database (created and migrated here)
+            from ..station.history import History
+
+            History(options["history_url"]).close()
+            options["history_url"] = str(options["history_url"])
         os.environ[_ENV_CONFIG] = json.dumps({"model_dirs": model_dirs, "max_upload_bytes": max_upload_bytes, **options})
         # Metrics summed over the workers (prometheus_client's multiprocess mode), in a folder of this run's own.
         metrics_dir = tempfile.mkdtemp(prefix="patchcore-metrics-")

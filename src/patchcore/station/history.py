@@ -1,0 +1,282 @@
+"""The history database: every verdict of ``patchcore watch`` and of the service, and the reviews
+people give them (tables: :mod:`.schema`).
+
+Open one with :class:`History` (a SQLite file path, ``sqlite:///...`` or ``postgresql://...``);
+the schema is brought to the newest Alembic migration on open, under a lock, so several
+stations may open one PostgreSQL database at once. The query methods return detached rows
+(read their fields freely after the session closed), newest first::
+
+    history = History("out/history.db")
+    for row in history.inspections(verdict="ng", limit=20):
+        print(row.at, row.photo_path, row.score, [crop.picture_path for crop in row.evidence])
+    history.add_review(row.id, "false_alarm", who="anna")
+
+SQLite is opened in WAL mode (a page may read while a station writes) with ``synchronous=FULL``
+(a committed verdict survives a power cut); keep its file on a local disk, as SQLite asks.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import threading
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from sqlalchemy import Engine, and_, create_engine, event, func, select, text
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, StatementError
+from sqlalchemy.orm import Session, selectinload, sessionmaker
+
+from ..errors import PatchCoreError
+from . import DEFAULT_FILE
+from .schema import REVIEW_VERDICTS, VERSION_TABLE, EvidenceCrop, Inspection, Review, utc_now
+
+MIGRATIONS = Path(__file__).with_name("migrations")
+#: Seconds a SQLite writer waits for another one (the service and a station on one file).
+SQLITE_BUSY_SECONDS = 30
+#: Key of the PostgreSQL advisory lock held while migrating (any constant shared by all stations).
+_MIGRATION_LOCK = 0x7061746368636F72  # "patchcor"
+_sqlite_migration_lock = threading.Lock()
+
+__all__ = ["DEFAULT_FILE", "EvidenceCrop", "History", "HistoryError", "Inspection", "Review", "database_url"]
+
+
+class HistoryError(PatchCoreError, ValueError):
+    """The history database cannot be opened, migrated or written; the message names it."""
+
+
+def database_url(location: str | os.PathLike) -> URL:
+    """The SQLAlchemy URL of ``location``: a file path (SQLite), ``sqlite:///file``, or
+    ``postgresql://...`` (driven by psycopg 3, else psycopg2, whichever is installed)."""
+    text_location = os.fspath(location)
+    if "://" not in text_location:
+        return URL.create("sqlite", database=str(Path(text_location).expanduser().absolute()))
+    try:
+        url = make_url(text_location)
+    except ArgumentError as error:
+        raise HistoryError(f"{text_location}: not a database URL ({error})") from None
+    if url.drivername in ("postgresql", "postgres"):
+        url = url.set(drivername=f"postgresql+{_postgresql_driver(text_location)}")
+    elif url.get_backend_name() not in ("sqlite", "postgresql"):
+        raise HistoryError(f"{url.render_as_string(hide_password=True)}: the history database must be SQLite "
+                           "(a file path or sqlite:///FILE) or PostgreSQL (postgresql://...)")
+    return url
+
+
+def _postgresql_driver(location: str) -> str:
+    import importlib.util
+
+    for module, driver in (("psycopg", "psycopg"), ("psycopg2", "psycopg2")):
+        if importlib.util.find_spec(module) is not None:
+            return driver
+    raise HistoryError(f"{make_url(location).render_as_string(hide_password=True)}: PostgreSQL needs a driver; "
+                       "install one with: pip install 'patchcore[postgresql]'")
+
+
+def _sqlite_pragmas(connection, record) -> None:
+    cursor = connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=FULL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+def _engine(url: URL) -> Engine:
+    if url.get_backend_name() == "sqlite":
+        if url.database and url.database != ":memory:" and not Path(url.database).parent.is_dir():
+            raise HistoryError(f"{url.database}: the folder of the history database does not exist")
+        engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_SECONDS})
+        event.listen(engine, "connect", _sqlite_pragmas)
+        return engine
+    return create_engine(url, pool_pre_ping=True)
+
+
+def _alembic_config(connection):
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    config.attributes["connection"] = connection
+    return config
+
+
+def _current_revision(connection) -> str | None:
+    from alembic.runtime.migration import MigrationContext
+
+    return MigrationContext.configure(connection, opts={"version_table": VERSION_TABLE}).get_current_revision()
+
+
+def upgrade(engine: Engine, name: str) -> None:
+    """Bring the database of ``engine`` to the newest schema (nothing to do when it is there).
+    ``name`` names it in errors. A database of a newer patchcore is refused, not touched."""
+    from alembic import command
+    from alembic.script import ScriptDirectory
+
+    with engine.connect() as connection:
+        scripts = ScriptDirectory.from_config(_alembic_config(connection))
+        head = scripts.get_current_head()
+        current = _current_revision(connection)
+    if current == head:
+        return
+    if current is not None and current not in {script.revision for script in scripts.walk_revisions()}:
+        raise HistoryError(f"{name}: the history database is at schema revision {current}, which this patchcore does "
+                           f"not know (it knows up to {head}); it was written by a newer patchcore: upgrade this one")
+    with _migration_lock(engine), engine.begin() as connection:
+        if connection.dialect.name == "postgresql":
+            connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK})
+        if _current_revision(connection) != head:  # another station may have migrated meanwhile
+            command.upgrade(_alembic_config(connection), "head")
+
+
+def _migration_lock(engine: Engine):
+    """Between processes on one SQLite file: a lock file beside it (PostgreSQL: an advisory lock)."""
+    from filelock import FileLock
+
+    database = engine.url.database
+    if engine.dialect.name != "sqlite" or not database or database == ":memory:":
+        return _sqlite_migration_lock
+    return FileLock(database + ".migrate.lock")
+
+
+class History:
+    """The history database at ``location`` (see :func:`database_url`), migrated on open.
+
+    Writing: :meth:`record` adds inspections in one transaction (see
+    :class:`~patchcore.station.writer.HistoryWriter` for writing beside scoring). Reading:
+    :meth:`inspections`, :meth:`inspection`, :meth:`find_watched`, :meth:`scores`,
+    :meth:`verdict_counts`. Reviews: :meth:`add_review`.
+    """
+
+    def __init__(self, location: str | os.PathLike) -> None:
+        self.url = database_url(location)
+        #: The database as shown in messages (password hidden).
+        self.name = self.url.render_as_string(hide_password=True)
+        self.engine = _engine(self.url)
+        try:
+            upgrade(self.engine, self.name)
+        except DBAPIError as error:
+            self.engine.dispose()
+            raise HistoryError(f"{self.name}: cannot open the history database: {_reason(error)}") from None
+        except BaseException:
+            self.engine.dispose()
+            raise
+        self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def __enter__(self) -> History:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- writing -------------------------------------------------------------------------------
+
+    def record(self, inspections: Sequence[Inspection]) -> None:
+        """Add ``inspections`` (with their evidence) in one transaction: all or none. Raises
+        :class:`HistoryError` when ``watch`` already recorded one of them (same path and bytes)."""
+        try:
+            with self.sessions.begin() as session:
+                session.add_all(inspections)
+        except IntegrityError as error:
+            reason = _reason(error)
+            if "unique" in reason.lower() or "duplicate" in reason.lower():
+                raise HistoryError(f"{self.name}: refused to record twice: {reason}") from None
+            raise HistoryError(f"{self.name}: refused an inspection: {reason}") from None
+        except StatementError as error:  # a value the columns cannot take (a time without its zone)
+            if isinstance(error.orig, ValueError):
+                raise HistoryError(f"{self.name}: {error.orig}") from None
+            raise
+
+    def set_stored_path(self, inspection_id: int, stored_path: str | None) -> None:
+        """Say where a photo lies now (``watch`` moved it somewhere other than planned)."""
+        with self.sessions.begin() as session:
+            session.get_one(Inspection, inspection_id).stored_path = stored_path
+
+    def add_review(self, inspection_id: int, verdict: str, who: str, note: str | None = None,
+                   at: dt.datetime | None = None) -> Review:
+        """Record ``who``'s judgement of inspection ``inspection_id``: ``false_alarm`` or ``confirmed_defect``."""
+        if verdict not in REVIEW_VERDICTS:
+            raise HistoryError(f"review verdict must be one of {', '.join(REVIEW_VERDICTS)}, got {verdict!r}")
+        if not who or not who.strip():
+            raise HistoryError("a review needs the name of who gave it")
+        review = Review(inspection_id=inspection_id, verdict=verdict, who=who.strip(), note=note, at=at or utc_now())
+        with self.sessions.begin() as session:
+            if session.get(Inspection, inspection_id) is None:
+                raise HistoryError(f"{self.name}: no inspection {inspection_id} to review")
+            session.add(review)
+        return review
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def find_watched(self, photo_path: str, photo_sha256: str) -> Inspection | None:
+        """The inspection ``watch`` made of these bytes under this path, if any."""
+        with self.sessions() as session:
+            return session.scalars(select(Inspection).where(
+                Inspection.source == "watch", Inspection.photo_path == photo_path,
+                Inspection.photo_sha256 == photo_sha256)).first()
+
+    def inspection(self, inspection_id: int) -> Inspection | None:
+        """One inspection with its evidence and reviews, or ``None``."""
+        with self.sessions() as session:
+            return session.scalars(select(Inspection).where(Inspection.id == inspection_id)
+                                   .options(selectinload(Inspection.evidence), selectinload(Inspection.reviews))).first()
+
+    def inspections(self, *, source: str | None = None, station: str | None = None, model_name: str | None = None,
+                    verdict: str | Iterable[str] | None = None, since: dt.datetime | None = None,
+                    until: dt.datetime | None = None, reviewed: bool | None = None, limit: int | None = 100,
+                    offset: int = 0, newest_first: bool = True) -> list[Inspection]:
+        """Inspections matching every filter given, with their evidence and reviews: ``since``
+        inclusive, ``until`` exclusive; ``reviewed``: only those with (``True``) or without
+        (``False``) a review; ``limit=None`` for all."""
+        query = select(Inspection).where(*self._filters(source, station, model_name, verdict, since, until))
+        if reviewed is not None:
+            has_review = select(Review.id).where(Review.inspection_id == Inspection.id).exists()
+            query = query.where(has_review if reviewed else ~has_review)
+        order = (Inspection.at.desc(), Inspection.id.desc()) if newest_first else (Inspection.at, Inspection.id)
+        query = query.order_by(*order).offset(offset).limit(limit)
+        with self.sessions() as session:
+            return list(session.scalars(query.options(selectinload(Inspection.evidence),
+                                                      selectinload(Inspection.reviews))))
+
+    def verdict_counts(self, *, source: str | None = None, station: str | None = None, model_name: str | None = None,
+                       since: dt.datetime | None = None, until: dt.datetime | None = None) -> dict[str, int]:
+        """``{verdict: number of inspections}`` over the filters."""
+        query = (select(Inspection.verdict, func.count()).where(*self._filters(source, station, model_name, None, since, until))
+                 .group_by(Inspection.verdict))
+        with self.sessions() as session:
+            return {verdict: count for verdict, count in session.execute(query)}
+
+    def scores(self, model_name: str, *, since: dt.datetime | None = None, until: dt.datetime | None = None,
+               source: str | None = None) -> list[tuple[dt.datetime, float, int]]:
+        """``(at, score, model_version)`` of every scored photo of ``model_name``, oldest first (for drift)."""
+        query = (select(Inspection.at, Inspection.score, Inspection.model_version)
+                 .where(*self._filters(source, None, model_name, None, since, until), Inspection.score.is_not(None))
+                 .order_by(Inspection.at, Inspection.id))
+        with self.sessions() as session:
+            return [tuple(row) for row in session.execute(query)]
+
+    @staticmethod
+    def _filters(source, station, model_name, verdict, since, until) -> list:
+        filters = []
+        if source is not None:
+            filters.append(Inspection.source == source)
+        if station is not None:
+            filters.append(Inspection.station == station)
+        if model_name is not None:
+            filters.append(Inspection.model_name == model_name)
+        if verdict is not None:
+            verdicts = [verdict] if isinstance(verdict, str) else list(verdict)
+            filters.append(Inspection.verdict.in_(verdicts))
+        if since is not None:
+            filters.append(Inspection.at >= since)
+        if until is not None:
+            filters.append(Inspection.at < until)
+        return [and_(*filters)] if filters else []
+
+
+def _reason(error: DBAPIError) -> str:
+    """The driver's own message, on one line."""
+    return " ".join(str(error.orig).split()) if error.orig is not None else str(error)
