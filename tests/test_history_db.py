@@ -66,7 +66,8 @@ def location(request, tmp_path) -> str:
 
 def _inspection(path: str = "/inbox/a.png", sha: str = "a" * 64, source: str = "watch", score: float | None = 1.5,
                 verdict: str = "ok", at: dt.datetime | None = None, **fields) -> Inspection:
-    return Inspection(source=source, station="line-1", photo_path=path, photo_sha256=sha, model_name="bottle",
+    fields.setdefault("station", "line-1")
+    return Inspection(source=source, photo_path=path, photo_sha256=sha, model_name="bottle",
                       model_version=3, model_sha256="m" * 64, score=score, verdict=verdict, threshold=2.0,
                       pixel_threshold=None, timings={"backbone": 12.5, "search": 1.0},
                       at=at or dt.datetime.now(UTC), **fields)
@@ -152,12 +153,14 @@ def test_watch_records_the_same_bytes_under_the_same_path_once(location):
             history.record([_inspection("/inbox/b.png", "b" * 64), _inspection("/inbox/a.png", "a" * 64)])
         assert [r.photo_path for r in history.inspections()] == ["/inbox/a.png"]  # all or nothing
         history.record([_inspection("/inbox/a.png", "e" * 64)])  # changed bytes: a new verdict
+        history.record([_inspection("/inbox/a.png", "a" * 64, station="line-2")])  # another line's inbox
         # The service may see the same upload any number of times.
         history.record([_inspection("<upload>", "a" * 64, source="service") for _ in range(2)])
-        assert history.find_watched("/inbox/a.png", "a" * 64).photo_sha256 == "a" * 64
-        assert history.find_watched("/inbox/a.png", "f" * 64) is None
-        assert history.find_watched("<upload>", "a" * 64) is None  # only watch's own records count
-        assert len(history.inspections(limit=None)) == 4
+        assert history.find_watched("line-1", "/inbox/a.png", "a" * 64).photo_sha256 == "a" * 64
+        assert history.find_watched("line-2", "/inbox/a.png", "a" * 64).station == "line-2"
+        assert history.find_watched("line-1", "/inbox/a.png", "f" * 64) is None
+        assert history.find_watched("line-1", "<upload>", "a" * 64) is None  # only watch's own records count
+        assert len(history.inspections(limit=None)) == 5
 
 
 def test_constraints_refuse_unknown_sources_and_verdicts(location):

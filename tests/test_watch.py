@@ -317,10 +317,10 @@ def test_a_restart_finishes_a_move_that_a_crash_cut_off(models, inbox, tmp_path)
     out.mkdir()
     photo = _drop(inbox, "left.png", _png(300))
     with History(out / "history.db") as history:
-        history.record([Inspection(source="watch", photo_path=str(photo), photo_sha256=file_sha256(photo),
+        history.record([Inspection(source="watch", station="line-3", photo_path=str(photo), photo_sha256=file_sha256(photo),
                                    stored_path=str(out / "ok" / "left.png"), model_name="rated", model_version=1,
                                    model_sha256="0" * 64, score=1.0, verdict="ok", timings={})])
-    with Running(models["rated"], inbox, out, sort=("ok", "ng")) as run:
+    with Running(models["rated"], inbox, out, sort=("ok", "ng"), station="line-3") as run:
         _drop(inbox, "next.png", _png(301))
         run.wait_for_results(1)
         summary = run.stop()

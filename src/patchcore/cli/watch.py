@@ -98,10 +98,13 @@ def run(args: argparse.Namespace) -> int:
     use_device(station.model, args.device)
     loaded = station.loaded
     threshold = "no threshold" if station.model.threshold_ is None else f"threshold {station.model.threshold_:.4f}"
-    print(f"watching {station.inbox_folder} with model {loaded.name} version {loaded.version} ({threshold}); "
-          f"verdicts to {station.history.name}; Ctrl-C stops", file=sys.stderr, flush=True)
+
+    def watching() -> None:  # once photos landing raise events: from then on, a rename is taken at once
+        print(f"watching {station.inbox_folder} with model {loaded.name} version {loaded.version} ({threshold}); "
+              f"verdicts to {station.history.name}; Ctrl-C stops", file=sys.stderr, flush=True)
+
     try:
-        station.run()
+        station.run(on_watching=watching)
     finally:  # also when stopped (Ctrl-C, SIGTERM): the run's figures
         print(summary_line(station.summary), flush=True)
     return 0

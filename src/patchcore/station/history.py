@@ -19,14 +19,14 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-import threading
+import time
 from pathlib import Path
 from typing import Iterable, Sequence
 
 from sqlalchemy import Engine, and_, create_engine, event, func, select, text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, StatementError
-from sqlalchemy.orm import Session, selectinload, sessionmaker
+from sqlalchemy.orm import selectinload, sessionmaker
 
 from ..errors import PatchCoreError
 from . import DEFAULT_FILE
@@ -37,7 +37,6 @@ MIGRATIONS = Path(__file__).with_name("migrations")
 SQLITE_BUSY_SECONDS = 30
 #: Key of the PostgreSQL advisory lock held while migrating (any constant shared by all stations).
 _MIGRATION_LOCK = 0x7061746368636F72  # "patchcor"
-_sqlite_migration_lock = threading.Lock()
 
 __all__ = ["DEFAULT_FILE", "EvidenceCrop", "History", "HistoryError", "Inspection", "Review", "database_url"]
 
@@ -74,12 +73,42 @@ def _postgresql_driver(location: str) -> str:
                        "install one with: pip install 'patchcore[postgresql]'")
 
 
-def _sqlite_pragmas(connection, record) -> None:
+#: Execution option of the connections that write: on SQLite they begin with ``BEGIN IMMEDIATE``.
+WRITES = "patchcore_writes"
+
+
+def _sqlite_connect(connection, record) -> None:
+    # pysqlite's own transactions begin late (at the first INSERT: reads before it, and DDL, run
+    # outside any transaction); SQLAlchemy's "begin" event says BEGIN itself (_sqlite_begin).
+    connection.isolation_level = None
     cursor = connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
+    _use_wal(cursor)
     cursor.execute("PRAGMA synchronous=FULL")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
+
+
+def _use_wal(cursor) -> None:
+    """Put the file in WAL mode (once; it stays so). The switch needs the file to itself and,
+    unlike other statements, fails at once rather than wait when another connection is in it
+    (stations opening a new file together): so it is tried again for up to the busy timeout."""
+    import sqlite3
+
+    deadline = time.monotonic() + SQLITE_BUSY_SECONDS
+    while cursor.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+        except sqlite3.OperationalError as error:
+            if "locked" not in str(error) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+
+
+def _sqlite_begin(connection) -> None:
+    """A writer takes SQLite's write lock at once (waiting for another writer up to the busy
+    timeout), so that no transaction of it finds after a read that it cannot write; readers
+    take no lock (WAL)."""
+    connection.exec_driver_sql("BEGIN IMMEDIATE" if connection.get_execution_options().get(WRITES) else "BEGIN")
 
 
 def _engine(url: URL) -> Engine:
@@ -87,7 +116,8 @@ def _engine(url: URL) -> Engine:
         if url.database and url.database != ":memory:" and not Path(url.database).parent.is_dir():
             raise HistoryError(f"{url.database}: the folder of the history database does not exist")
         engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_SECONDS})
-        event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "connect", _sqlite_connect)
+        event.listen(engine, "begin", _sqlite_begin)
         return engine
     return create_engine(url, pool_pre_ping=True)
 
@@ -122,21 +152,13 @@ def upgrade(engine: Engine, name: str) -> None:
     if current is not None and current not in {script.revision for script in scripts.walk_revisions()}:
         raise HistoryError(f"{name}: the history database is at schema revision {current}, which this patchcore does "
                            f"not know (it knows up to {head}); it was written by a newer patchcore: upgrade this one")
-    with _migration_lock(engine), engine.begin() as connection:
+    # One station migrates; the others wait here (SQLite: BEGIN IMMEDIATE; PostgreSQL: an advisory
+    # lock), then find the schema new. DDL is transactional on both: a failed migration leaves none.
+    with engine.execution_options(**{WRITES: True}).begin() as connection:
         if connection.dialect.name == "postgresql":
             connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK})
-        if _current_revision(connection) != head:  # another station may have migrated meanwhile
+        if _current_revision(connection) != head:
             command.upgrade(_alembic_config(connection), "head")
-
-
-def _migration_lock(engine: Engine):
-    """Between processes on one SQLite file: a lock file beside it (PostgreSQL: an advisory lock)."""
-    from filelock import FileLock
-
-    database = engine.url.database
-    if engine.dialect.name != "sqlite" or not database or database == ":memory:":
-        return _sqlite_migration_lock
-    return FileLock(database + ".migrate.lock")
 
 
 class History:
@@ -161,7 +183,9 @@ class History:
         except BaseException:
             self.engine.dispose()
             raise
+        #: Sessions for reading, and for writing (on SQLite: holding the write lock from their start).
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self.writing_sessions = sessionmaker(self.engine.execution_options(**{WRITES: True}), expire_on_commit=False)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -176,9 +200,9 @@ class History:
 
     def record(self, inspections: Sequence[Inspection]) -> None:
         """Add ``inspections`` (with their evidence) in one transaction: all or none. Raises
-        :class:`HistoryError` when ``watch`` already recorded one of them (same path and bytes)."""
+        :class:`HistoryError` when ``watch`` already recorded one of them (same station, path and bytes)."""
         try:
-            with self.sessions.begin() as session:
+            with self.writing_sessions.begin() as session:
                 session.add_all(inspections)
         except IntegrityError as error:
             reason = _reason(error)
@@ -192,7 +216,7 @@ class History:
 
     def set_stored_path(self, inspection_id: int, stored_path: str | None) -> None:
         """Say where a photo lies now (``watch`` moved it somewhere other than planned)."""
-        with self.sessions.begin() as session:
+        with self.writing_sessions.begin() as session:
             session.get_one(Inspection, inspection_id).stored_path = stored_path
 
     def add_review(self, inspection_id: int, verdict: str, who: str, note: str | None = None,
@@ -203,7 +227,7 @@ class History:
         if not who or not who.strip():
             raise HistoryError("a review needs the name of who gave it")
         review = Review(inspection_id=inspection_id, verdict=verdict, who=who.strip(), note=note, at=at or utc_now())
-        with self.sessions.begin() as session:
+        with self.writing_sessions.begin() as session:
             if session.get(Inspection, inspection_id) is None:
                 raise HistoryError(f"{self.name}: no inspection {inspection_id} to review")
             session.add(review)
@@ -211,11 +235,11 @@ class History:
 
     # -- reading -------------------------------------------------------------------------------
 
-    def find_watched(self, photo_path: str, photo_sha256: str) -> Inspection | None:
-        """The inspection ``watch`` made of these bytes under this path, if any."""
+    def find_watched(self, station: str, photo_path: str, photo_sha256: str) -> Inspection | None:
+        """The inspection ``watch`` at ``station`` made of these bytes under this path, if any."""
         with self.sessions() as session:
             return session.scalars(select(Inspection).where(
-                Inspection.source == "watch", Inspection.photo_path == photo_path,
+                Inspection.source == "watch", Inspection.station == station, Inspection.photo_path == photo_path,
                 Inspection.photo_sha256 == photo_sha256)).first()
 
     def inspection(self, inspection_id: int) -> Inspection | None:

@@ -156,7 +156,7 @@ class Inbox:
     def stop(self) -> None:
         if self._observer is not None:
             self._observer.stop()
-            self._observer.join(timeout=1.0)  # daemon threads: a slow poll never holds up a stop
+            self._observer.join(timeout=0.5)  # daemon threads: a slow poll never holds up a stop
             self._observer = None
 
     def _on_event(self, event) -> None:

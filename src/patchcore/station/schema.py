@@ -30,7 +30,8 @@ Tables
 ======================  ====================================================================
 
 ``watch`` never scores the same bytes under the same path twice: a unique index on
-``(photo_path, photo_sha256)`` over the rows with source ``watch`` guards it.
+``(station, photo_path, photo_sha256)`` over the rows with source ``watch`` guards it (the
+station is part of the key: two lines sharing a database may both have a ``/srv/inbox/1.png``).
 
 ``evidence_crops``: for an inspection, each of its most anomalous patches (``rank`` 1, 2, ...)
 with the crop written for it (the patch beside its nearest normal training patch), the distance,
@@ -109,8 +110,8 @@ class Inspection(Base):
         Index("ix_inspections_at", "at"),
         Index("ix_inspections_model_name_at", "model_name", "at"),
         Index("ix_inspections_verdict_at", "verdict", "at"),
-        # Exactly once per photo for watch: the same bytes under the same path are one row.
-        Index("uq_inspections_watched_photo", "photo_path", "photo_sha256", unique=True,
+        # Exactly once per photo for watch: the same bytes under the same path of one station are one row.
+        Index("uq_inspections_watched_photo", "station", "photo_path", "photo_sha256", unique=True,
               sqlite_where=text("source = 'watch'"), postgresql_where=text("source = 'watch'")),
     )
 

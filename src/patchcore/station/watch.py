@@ -4,9 +4,9 @@ each verdict in the history database.
 How exactly once holds:
 
 * a photo is taken only once complete (:mod:`.inbox`);
-* its key is its path and the SHA-256 of its bytes: a key the database holds, or that this run
-  queued already, is not scored again (changed bytes are a new key); across processes, the
-  database's unique index on the key refuses a second record;
+* its key is the station's name, its path and the SHA-256 of its bytes: a key the database holds,
+  or that this run queued already, is not scored again (changed bytes are a new key); across
+  processes, the database's unique index on the key refuses a second record;
 * overlays, masks and evidence crops are written whole (:mod:`~patchcore.engine.atomic_files`)
   before the verdict is queued, so a record never names a missing or truncated file;
 * a photo is moved (``--sort``, or aside when unreadable) only after its record is committed; the
@@ -165,15 +165,17 @@ class Station:
 
     # -- running -------------------------------------------------------------------------------
 
-    def run(self, stop: threading.Event | None = None) -> Summary:
+    def run(self, stop: threading.Event | None = None, on_watching: Callable[[], None] | None = None) -> Summary:
         """Score photos until ``stop`` is set (or the caller is interrupted); returns the figures.
-        The history is closed afterwards."""
+        ``on_watching`` is called once the inbox is watched. The history is closed afterwards."""
         stop = stop or threading.Event()
         started = time.perf_counter()
         writer = HistoryWriter(self.history, on_problem=self.on_problem)
         try:
             self.inbox.start()
             self.watching.set()
+            if on_watching is not None:
+                on_watching()
             while not stop.is_set():
                 arrivals = self.inbox.take(self._batch_size, timeout=0.2)
                 if arrivals:
@@ -206,7 +208,7 @@ class Station:
             if key in self._done:  # queued by this run already; its file was touched since
                 self.summary.skipped += 1
                 continue
-            recorded = self.history.find_watched(*key)
+            recorded = self.history.find_watched(self.station, *key)
             if recorded is not None:
                 self._done.add(key)
                 self.summary.skipped += 1

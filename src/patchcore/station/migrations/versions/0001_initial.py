@@ -46,7 +46,7 @@ def upgrade() -> None:
     op.create_index("ix_inspections_at", "inspections", ["at"])
     op.create_index("ix_inspections_model_name_at", "inspections", ["model_name", "at"])
     op.create_index("ix_inspections_verdict_at", "inspections", ["verdict", "at"])
-    op.create_index("uq_inspections_watched_photo", "inspections", ["photo_path", "photo_sha256"], unique=True,
+    op.create_index("uq_inspections_watched_photo", "inspections", ["station", "photo_path", "photo_sha256"], unique=True,
                     sqlite_where=WATCHED, postgresql_where=WATCHED)
 
     op.create_table(
