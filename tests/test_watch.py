@@ -422,3 +422,35 @@ def test_a_signal_stops_watch_cleanly_and_a_restart_takes_up_the_rest(models, in
     assert sorted(Path(r.photo_path).name for r in rows) == sorted(f"photo_{i:02d}.png" for i in range(count))
     assert summary.scored == count - len(recorded)
     assert list(inbox.iterdir()) == []
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_a_crash_loses_no_verdict_and_a_restart_scores_each_photo_once(models, inbox, tmp_path):
+    """Killed outright (SIGKILL: no unwinding), the station leaves a sound database whose every
+    record is whole; the restart finishes the moves the crash cut off and scores the rest, each once."""
+    out = tmp_path / "out"
+    count = 40
+    for i in range(count):
+        (inbox / f"photo_{i:02d}.png").write_bytes(_png(700 + i))
+    child = Child(["watch", str(models["rated"]), str(inbox), "-o", str(out), "--sort", "ok,ng", "--settle", "0.1",
+                   "--batch-size", "1"])
+    child.wait_for("stdout", "photo_")
+    assert child.stop(signal.SIGKILL)[0] == -signal.SIGKILL
+    with History(out / "history.db") as history:
+        with history.engine.connect() as connection:
+            from sqlalchemy import text
+
+            assert connection.execute(text("PRAGMA integrity_check")).scalar_one() == "ok"
+        recorded = history.inspections(limit=None)
+    assert recorded
+    for row in recorded:
+        assert row.score is not None and row.verdict in ("ok", "ng") and Path(row.overlay_path).is_file()
+    with Running(models["rated"], inbox, out, sort=("ok", "ng")) as run:
+        run.wait_for_results(count - len(recorded))
+        summary = run.stop()
+    rows = _rows(out)
+    assert sorted(Path(r.photo_path).name for r in rows) == [f"photo_{i:02d}.png" for i in range(count)]
+    assert summary.scored == count - len(recorded)
+    assert list(inbox.iterdir()) == []  # every photo sorted, those whose move the crash cut off included
+    for row in rows:
+        assert file_sha256(row.stored_path) == row.photo_sha256
