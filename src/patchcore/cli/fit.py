@@ -1,4 +1,4 @@
-"""``patchcore fit``: build a model from good images and save it."""
+"""``patchcore fit``: build a model from good images and save it (``--auto``: choose its settings first)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import sys
 
 from .options import (SkippedImages, add_false_positive_options, add_model_options, add_skip_option, cli_event,
                       model_from_args)
+from .tune import add_tuning_options, fit_and_save, tune_from_args
 
 
 def add_parser(commands) -> None:
@@ -19,16 +20,28 @@ def add_parser(commands) -> None:
                         help="held-out good images or folders: set the image and pixel thresholds from them")
     add_false_positive_options(parser, "--calibrate")
     add_model_options(parser)
+    parser.add_argument("--auto", action="store_true",
+                        help="choose the settings first, as 'patchcore tune' does: from held-out good photos with "
+                             "synthetic defects, within the tuning limits below (model options given are held fixed)")
+    add_tuning_options(parser)
     parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    skipped = SkippedImages() if args.skip_bad_images else None
-    model = model_from_args(args).fit(args.train, on_error=skipped)
+    if args.auto:
+        if args.skip_bad_images:
+            raise ValueError("--auto does not skip bad images: remove them, or fit without --auto")
+        skipped = None
+        result, base, limits = tune_from_args(args)
+        model = fit_and_save(args, result, base, limits)
+    else:
+        skipped = SkippedImages() if args.skip_bad_images else None
+        model = model_from_args(args).fit(args.train, on_error=skipped)
+        if args.calibrate:
+            model.calibrate_threshold(args.calibrate, args.max_fpr, args.max_pixel_fpr)
+        model.save(args.output, event=cli_event("fit"))
     if args.calibrate:
-        model.calibrate_threshold(args.calibrate, args.max_fpr, args.max_pixel_fpr)
         print(f"threshold {model.threshold_:.4f}, pixel threshold {model.pixel_threshold_:.4f} ({model.threshold_source_})")
-    model.save(args.output, event=cli_event("fit"))
     timings = ", ".join(f"{k} {v:.1f}s" for k, v in model.fit_timings_.items())
     features_mib = model.n_training_patches_ * model.memory_bank_.shape[1] * 4 / 2**20
     per_image = model.n_training_patches_ / max(1, model.n_training_images_)
