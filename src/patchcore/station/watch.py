@@ -79,6 +79,9 @@ class Result:
     latency: float
 
 
+#: Batches of photos taken at most at once from a backlog: scored in one stream, the next batch is
+#: decoded while the network runs on this one (as ``predict`` does); results still come one by one.
+TAKE_BATCHES = 4
 #: Latencies a run keeps for its figures (a station may run for months).
 LATENCIES_KEPT = 100_000
 
@@ -177,7 +180,7 @@ class Station:
             if on_watching is not None:
                 on_watching()
             while not stop.is_set():
-                arrivals = self.inbox.take(self._batch_size, timeout=0.2)
+                arrivals = self.inbox.take(self._batch_size * TAKE_BATCHES, timeout=0.2)
                 if arrivals:
                     t0 = time.perf_counter()
                     self._process(arrivals, writer)
