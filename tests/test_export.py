@@ -13,8 +13,13 @@ from conftest import small_model_settings
 from patchcore import ExportedModel, PatchCore, load_model
 from patchcore.engine.export import export_model
 
-#: Run in a subprocess where importing torch fails, so nothing can lean on it unnoticed.
-NO_TORCH = "import sys; sys.modules['torch'] = None; sys.modules['timm'] = None\n"
+#: Run in a subprocess where importing torch fails, so nothing can lean on it unnoticed: an import
+#: hook, as if torch and timm were not installed (``None`` in ``sys.modules['torch']`` would break
+#: scipy.stats, which looks torch up there, wherever scikit-learn is imported).
+NO_TORCH = ("import sys\nclass _NoTorch:\n    def find_spec(self, name, path=None, target=None):\n"
+            "        if name.split('.')[0] in ('torch', 'timm'):\n"
+            "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+            "sys.meta_path.insert(0, _NoTorch())\n")
 
 
 @pytest.fixture(scope="module")
@@ -127,13 +132,8 @@ def test_the_command_line_predicts_and_serves_an_export_without_torch(tmp_path, 
 
 def test_fitting_without_torch_says_which_extra_to_install(tmp_path, product_images):
     """Where torch is missing and the network cache does not hold the backbone's graph (an empty
-    cache here), fitting stops with advice. An import hook makes torch unimportable: scikit-learn's
-    scipy.stats fails on a ``None`` in ``sys.modules['torch']``."""
-    block = ("import sys\nclass _NoTorch:\n    def find_spec(self, name, path=None, target=None):\n"
-             "        if name.split('.')[0] in ('torch', 'timm'):\n"
-             "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
-             "sys.meta_path.insert(0, _NoTorch())\n")
-    code = block + (
+    cache here), fitting stops with advice."""
+    code = NO_TORCH + (
         "from patchcore.cli.main import main\n"
         f"print('exit', main(['fit', {str(product_images['train'][0].parent)!r}, '-o', {str(tmp_path / 'm')!r}]))\n"
     )
