@@ -2,8 +2,9 @@
 people give them (tables: :mod:`.schema`).
 
 Open one with :class:`History` (a SQLite file path, ``sqlite:///...`` or ``postgresql://...``);
-the schema is brought to the newest Alembic migration on open, under a lock, so several
-stations may open one PostgreSQL database at once. The query methods return detached rows
+the schema is brought to the newest Alembic migration on open, in one transaction under a lock
+(SQLite's write lock, a PostgreSQL advisory lock), so several stations may open one database at
+once. The query methods return detached rows
 (read their fields freely after the session closed), newest first::
 
     history = History("out/history.db")
