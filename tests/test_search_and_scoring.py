@@ -13,7 +13,7 @@ def test_exact_search_returns_l2_distances(backend):
     rng = np.random.default_rng(0)
     bank = rng.normal(size=(5000, 24)).astype(np.float32)
     queries = rng.normal(size=(300, 24)).astype(np.float32)
-    index = MemoryBankIndex(bank, backend, block_size=1000)  # several blocks for numpy
+    index = MemoryBankIndex(bank, backend, block_size=64)  # several blocks of query rows for numpy
     distances, indices = index.search(queries, k=3)
     brute = np.sqrt(((queries[:, None, :] - bank[None]) ** 2).sum(-1))
     expected = np.argsort(brute, axis=1)[:, :3]
