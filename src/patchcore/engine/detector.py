@@ -333,7 +333,8 @@ class Detector:
         predictions = self.predict(good_images, maps=False)
         scores = [p.score for p in predictions]
         sigma = self.settings().smoothing_sigma
-        pixels = np.concatenate([network_map(p.patch_scores, p.placement, sigma).ravel() for p in predictions])
+        with search_threads(IDLE_CORES.free(self.settings().threads)):
+            pixels = np.concatenate([network_map(p.patch_scores, p.placement, sigma).ravel() for p in predictions])
         return self.set_threshold(
             flagging_threshold(scores, max_false_positive_rate),
             flagging_threshold(pixels, max_pixel_false_positive_rate),
