@@ -196,3 +196,26 @@ def test_predict_with_ray_refuses_to_add_to_another_models_scores(tmp_path, fitt
     assert str(tmp_path / "out" / "scores.csv") in message and "another output folder" in message
     assert model_sha256(tmp_path / "first") in message and model_sha256(tmp_path / "second") in message
     assert (tmp_path / "out" / "scores.csv").read_text() == before
+
+
+def test_every_command_line_parses_where_torch_timm_and_scikit_learn_are_missing():
+    # The base install (which serves saved models and exports) has none of them: building the
+    # parser of any command must not import them.
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, importlib.abc\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        if name.split('.')[0] in ('torch', 'timm', 'sklearn'):\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "from patchcore.cli.main import build_parser\n"
+        "parser = build_parser()\n"
+        "for command in ('fit', 'predict', 'serve', 'watch', 'tune', 'add', 'evaluate'):\n"
+        "    assert command in parser.format_help(), command\n"
+        "print('ok')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr

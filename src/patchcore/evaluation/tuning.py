@@ -33,7 +33,6 @@ from PIL import Image
 from ..engine import persistence
 from ..engine.images import expand_sources, read_image
 from ..engine.settings import DEFAULTS, ModelSettings
-from . import metrics
 from .panels import resize_map, resize_mask
 from .synthetic_defects import BackgroundColours, synthesize_defects
 
@@ -235,6 +234,8 @@ def _fit_estimate(timings: dict[str, float], ratio: float) -> float:
 
 def measure(settings: dict[str, Any], held: HeldOut, make_model: Callable[[dict[str, Any]], Any]) -> Trial:
     """Fit ``make_model(settings)`` on the training part and measure it on the held-out photos."""
+    from . import metrics  # scikit-learn: only when tuning runs, not when the command line is built
+
     trial = Trial(dict(settings))
     model = make_model(settings)
     started = time.perf_counter()
