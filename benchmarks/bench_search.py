@@ -93,7 +93,7 @@ def worker(name: str, folder: Path, mode: str, threads: int | None) -> dict:
     new = hasattr(model, "score_images")
     big = Placement((1000, 1500), (0.0, 0.0, 1500.0, 1000.0), (384, 576), (384, 576), 8)
     batch = 1 if mode == "single" else 4
-    search_ms, map_ms, big_map_ms, scores = [], [], [], []
+    search_ms, map_ms, big_map_ms, scores, threads_used = [], [], [], [], []
     for start in range(0, len(grids), batch):
         features = [g.reshape(-1, g.shape[-1]) for g in grids[start : start + batch]]
         shapes = [g.shape[:2] for g in grids[start : start + batch]]
@@ -101,7 +101,8 @@ def worker(name: str, folder: Path, mode: str, threads: int | None) -> dict:
         if new:  # as iter_predict: one batch's search and maps under the thread choice
             from patchcore.engine.search import IDLE_CORES, search_threads
 
-            with search_threads(IDLE_CORES.free()):
+            threads_used.append(IDLE_CORES.free())
+            with search_threads(threads_used[-1]):
                 t0 = time.perf_counter()
                 scored = model.score_images(features)
                 search_ms += [1000 * (time.perf_counter() - t0) / len(features)] * len(features)
@@ -132,7 +133,8 @@ def worker(name: str, folder: Path, mode: str, threads: int | None) -> dict:
     index = model.index_
     return {"module": detector_module.__file__, "index": getattr(index, "description", type(index).__name__), "bank": int(len(data["bank"])),
             "search_ms": float(np.median(search_ms)), "map_ms": float(np.median(map_ms)),
-            "big_map_ms": float(np.median(big_map_ms)) if big_map_ms else None, "scores": [float(s) for s in scores]}
+            "big_map_ms": float(np.median(big_map_ms)) if big_map_ms else None, "scores": [float(s) for s in scores],
+            "threads": sorted(set(threads_used)) if threads_used else ["library default"]}
 
 
 def run_worker(src: Path, name: str, folder: Path, mode: str, threads: int | None) -> dict:
@@ -209,12 +211,13 @@ def main() -> None:
                         best[key] = row
         print(f"\n{name}: {best[('after', 'batch')]['bank']} bank vectors, {len(best[('after', 'batch')]['scores'])} photos; "
               f"{load()}")
-        print(f"  {'':8s} {'mode':13s} {'index':32s} {'search ms':>9s} {'map ms':>7s} {'1500x1000 map':>13s}")
+        print(f"  {'':8s} {'mode':13s} {'index':32s} {'search ms':>9s} {'map ms':>7s} {'1500x1000 map':>13s}  threads")
         for mode, label in (("batch", "all in one"), ("single", "one per call")):
             for tree in trees:
                 row = best[(tree, mode)]
                 big = f"{row['big_map_ms']:13.2f}" if row["big_map_ms"] is not None else f"{'-':>13s}"
-                print(f"  {tree:8s} {label:13s} {row['index'][:32]:32s} {row['search_ms']:9.2f} {row['map_ms']:7.2f} {big}")
+                threads = "held" if args.threads else ",".join(str(t) for t in row["threads"])
+                print(f"  {tree:8s} {label:13s} {row['index'][:32]:32s} {row['search_ms']:9.2f} {row['map_ms']:7.2f} {big}  {threads}")
             before, after = best[("before", mode)], best[("after", mode)]
             print(f"  {'ratio':8s} {label:13s} {'after / before':32s} {after['search_ms'] / before['search_ms']:9.2f} "
                   f"{after['map_ms'] / before['map_ms']:7.2f}"
@@ -224,7 +227,7 @@ def main() -> None:
         print(f"  image scores: after vs before max relative difference {np.max(np.abs(after - before) / before):.1e}; "
               f"all in one vs one per call {np.max(np.abs(after - single) / single):.1e}")
     if args.evaluate:
-        print(f"\npatchcore evaluate at the defaults ({load()})")
+        print(f"\npatchcore evaluate at the defaults, each tree's own threads ({load()})")
         print(f"  {'data set':10s} {'tree':7s} {'image AUROC':>11s} {'pixel AUROC':>11s} {'AUPRO':>7s} {'ms/photo':>8s} "
               f"{'backbone':>8s} {'search':>7s} {'map':>6s}")
         for name in args.datasets.split(","):

@@ -247,3 +247,13 @@ def test_search_threads_hold_numpy_and_faiss_threads_and_restore_them():
     with search.search_threads(1):
         assert blas_threads() == {1} and faiss.omp_get_max_threads() == 1
     assert blas_threads() == before_blas and faiss.omp_get_max_threads() == before_faiss
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/stat"), reason="needs /proc/stat (Linux)")
+def test_busy_seconds_counts_the_cores_this_process_may_use():
+    import os
+
+    mine = search.busy_seconds()
+    every = search.busy_seconds(set(range(os.cpu_count() or 1)))
+    assert mine is not None and 0 < mine <= every + 0.5
+    assert search.busy_seconds(set()) == 0.0  # no core, no busy time
