@@ -124,7 +124,7 @@ def add_model_options(parser: argparse.ArgumentParser, methods: bool = False) ->
                        help=f"share of a tile's side that neighbouring tiles overlap (default: {_default('tile_overlap')})")
     group.add_argument("--no-reweight", action="store_true", help="image score = plain maximum patch score instead of eq. 7")
     group.add_argument("--search-backend", choices=("auto", "numpy", "faiss", "hnsw", "ivfpq"), default=None,
-                       help="nearest-neighbour search: auto (exact up to 4,096 bank vectors, HNSW above), exact with numpy's "
+                       help="nearest-neighbour search: auto (exact up to 1,000 bank vectors, HNSW above), exact with numpy's "
                             "BLAS (faster on CPU) or faiss, or approximate with faiss hnsw / ivfpq (faster for large memory "
                             f"banks) (default: {_default('search_backend')})")
     group.add_argument("--seed", type=int, default=None, help="seed of the coreset selection (default: 0)")

@@ -113,7 +113,7 @@ class PatchCore(EstimatorParams, Detector):
     smoothing_sigma: Gaussian smoothing of the anomaly map, in network-input pixels (paper: 4).
     weights: ``"imagenet"`` (packaged or downloaded), a local state-dict file, or ``"random"``.
     feature_location: timm feature location, e.g. ``"expansion"`` for EfficientNets (default per backbone).
-    search_backend: ``"auto"``: exact up to 4,096 bank vectors, HNSW above; exact nearest-neighbour search
+    search_backend: ``"auto"``: exact up to 1,000 bank vectors, HNSW above; exact nearest-neighbour search
         with ``"numpy"`` (blocked BLAS products, faster here) or ``"faiss"`` (IndexFlatL2), or approximate
         search with faiss ``"hnsw"`` or ``"ivfpq"`` (faster for large banks, scores may rise slightly; the
         share of exact nearest neighbours found is measured at fit: ``search_recall_``).

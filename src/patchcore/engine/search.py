@@ -169,15 +169,19 @@ class IdleCores:
 #: The idle cores that this process's searches may use.
 IDLE_CORES = IdleCores()
 _controller: ThreadpoolController | None = None
+#: How many modules were imported when the controller looked for thread pools: a module imported
+#: since (faiss brings its own OpenBLAS) may have loaded a library it does not know.
+_controller_modules = -1
 _controller_lock = threading.Lock()
 
 
 @contextmanager
 def search_threads(count: int) -> Iterator[None]:
     """numpy's BLAS (process-wide) and faiss's OpenMP (this thread) run ``count`` threads inside."""
-    global _controller
+    global _controller, _controller_modules
     with _controller_lock:
-        if _controller is None:
+        if _controller is None or _controller_modules != len(sys.modules):
+            _controller_modules = len(sys.modules)
             _controller = ThreadpoolController()
     faiss = sys.modules.get("faiss")
     before = faiss.omp_get_max_threads() if faiss is not None else None
