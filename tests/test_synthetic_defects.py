@@ -90,3 +90,15 @@ def test_without_a_separable_part_the_whole_photo_is_used():
     assert not estimate.found and estimate.mask.all() and "whole photo" in estimate.note
     defects, _ = synthesize_defects(textures, seed=0)
     assert all(d.mask.any() for d in defects)
+
+
+def test_several_defects_per_photo_each_on_its_own_copy(photos):
+    images, _ = photos
+    defects, masks = synthesize_defects(images[:4], seed=2, per_photo=3)
+    assert len(defects) == 12 and len(masks) == 4
+    for p, image in enumerate(images[:4]):
+        copies = defects[3 * p : 3 * p + 3]
+        assert len({d.kind for d in copies}) == 3
+        for defect in copies:  # each copy differs from its own photo only inside its own mask
+            change = np.abs(defect.image.astype(int) - image.astype(int)).max(axis=2)
+            assert defect.mask.any() and not change[~defect.mask].any()

@@ -22,7 +22,7 @@ from test_synthetic_defects import part_photo
 CANDIDATES = [
     {"backbone": "efficientnet_lite0", "resize": 96, "coreset_ratio": 0.1},
     {"backbone": "efficientnet_lite0", "resize": 64, "coreset_ratio": 0.1},
-    {"backbone": "efficientnet_lite0", "resize": 64, "coreset_ratio": 0.1, "augment": "flips"},  # not a setting (yet)
+    {"backbone": "efficientnet_lite0", "resize": 64, "coreset_ratio": 0.1, "not_a_setting_yet": 1},
 ]
 
 
@@ -49,7 +49,7 @@ def test_the_best_measured_candidate_is_chosen(tuned):
         assert 0 <= trial.image_auroc <= 1 and 0 <= trial.aupro <= 1 and trial.predict_ms > 0 and trial.fit_seconds > 0
         assert trial.score == pytest.approx((trial.image_auroc + trial.aupro) / 2)
     skipped = [t for t in tuned.trials if t.status == "skipped"]
-    assert len(skipped) == 1 and "augment" in skipped[0].note
+    assert len(skipped) == 1 and "not_a_setting_yet" in skipped[0].note
     assert tuned.record["held_out"]["good"] == tuned.record["held_out"]["defective"] == 6
     assert "part separated" in tuned.record["held_out"]["part_masks"]
 
@@ -107,12 +107,14 @@ def test_tune_command_saves_the_chosen_model(good_folder, tmp_path, capsys):
     candidates = tmp_path / "candidates.json"
     candidates.write_text(json.dumps(CANDIDATES[:2]))
     assert main(["tune", str(good_folder), "-o", str(tmp_path / "model"), "--candidates", str(candidates),
-                 "--max-predict-ms", "0", "--holdout-share", "0.3", "--defects-dir", str(tmp_path / "defects")]) == 0
+                 "--max-predict-ms", "0", "--holdout-share", "0.3", "--defects-per-photo", "2",
+                 "--defects-dir", str(tmp_path / "defects")]) == 0
     out = capsys.readouterr().out
     assert "image AUROC" in out and "chosen: lite0" in out
     record = tuning_record(tmp_path / "model")
     assert record["limits"]["max_predict_ms"] is None and len(record["trials"]) == 2
-    assert len(list((tmp_path / "defects").glob("*_mask.png"))) == record["held_out"]["defective"] == 4
+    assert record["held_out"]["good"] == 4 and record["held_out"]["defective"] == 8
+    assert len(list((tmp_path / "defects").glob("*_mask.png"))) == 8
 
 
 def test_fit_auto_stops_at_the_budget_and_refuses_impossible_limits(good_folder, tmp_path, capsys):

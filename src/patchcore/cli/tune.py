@@ -16,7 +16,7 @@ RUNNING_OPTIONS = ("device", "threads", "scratch_dir", "batch_size")
 
 def add_tuning_options(parser: argparse.ArgumentParser) -> None:
     """The options of tuning, shared by ``tune`` and ``fit --auto``."""
-    from ..evaluation.tuning import DEFAULT_BUDGET_MINUTES, DEFAULT_MAX_PREDICT_MS
+    from ..evaluation.tuning import DEFAULT_BUDGET_MINUTES, DEFAULT_DEFECTS_PER_PHOTO, DEFAULT_MAX_PREDICT_MS
 
     group = parser.add_argument_group("tuning")
     group.add_argument("--max-predict-ms", type=float, default=DEFAULT_MAX_PREDICT_MS, metavar="MS",
@@ -32,6 +32,9 @@ def add_tuning_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-holdout", type=positive_int, default=40, help="most photos held out (default: 40)")
     group.add_argument("--max-train-images", type=positive_int, default=200,
                        help="most photos each candidate is fitted on while tuning (default: 200)")
+    group.add_argument("--defects-per-photo", type=positive_int, default=DEFAULT_DEFECTS_PER_PHOTO,
+                       help="synthetic defects drawn on each held-out photo, each on its own copy "
+                            f"(default: {DEFAULT_DEFECTS_PER_PHOTO})")
     group.add_argument("--split-seed", type=int, default=0, help="seed of the held-out split and the synthetic defects")
     group.add_argument("--candidates", default=None, metavar="FILE",
                        help="JSON file: a list of settings objects to try instead of the built-in list")
@@ -69,6 +72,7 @@ def tune_from_args(args: argparse.Namespace):
                     budget_minutes=args.budget_minutes)
     result = tune(args.train, candidates, fixed=given, base=base, limits=limits, holdout_share=args.holdout_share,
                   max_holdout=args.max_holdout, max_train_images=args.max_train_images, seed=args.split_seed,
+                  defects_per_photo=args.defects_per_photo,
                   defects_dir=args.defects_dir)
     if not getattr(args, "json", False):
         print(format_trials(result.trials, result.chosen))

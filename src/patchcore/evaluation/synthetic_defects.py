@@ -319,15 +319,20 @@ def defect_plan(count: int, kinds: Sequence[str] = DEFECT_KINDS) -> list[tuple[s
 
 
 def synthesize_defects(images: Sequence[np.ndarray], seed: int = 0, kinds: Sequence[str] = DEFECT_KINDS,
-                       background: BackgroundColours | None = None) -> tuple[list[SyntheticDefect], list[PartMask]]:
-    """One synthetic defect on each good photo (kinds, sizes and contrasts as :func:`defect_plan`),
+                       background: BackgroundColours | None = None,
+                       per_photo: int = 1) -> tuple[list[SyntheticDefect], list[PartMask]]:
+    """``per_photo`` synthetic defects on each good photo, each on its own copy (photo ``p``'s at
+    ``p * per_photo`` onwards; kinds, sizes and contrasts dealt in that order as :func:`defect_plan`),
     and each photo's part mask. Cut-and-paste patches come from the next photo in the list (from
     the same photo when there is only one). The same photos and seed give the same defects."""
+    if per_photo < 1:
+        raise ValueError(f"per_photo must be at least 1, got {per_photo}")
     photos = [_as_rgb(image) for image in images]
     masks = part_masks(photos, background)
     rng = np.random.default_rng(seed)
     defects = []
-    for i, (kind, size, contrast) in enumerate(defect_plan(len(photos), kinds)):
-        j = (i + 1) % len(photos)
-        defects.append(make_defect(photos[i], masks[i].mask, kind, size, contrast, rng, photos[j], masks[j].mask))
+    for i, (kind, size, contrast) in enumerate(defect_plan(len(photos) * per_photo, kinds)):
+        p = i // per_photo
+        j = (p + 1) % len(photos)
+        defects.append(make_defect(photos[p], masks[p].mask, kind, size, contrast, rng, photos[j], masks[j].mask))
     return defects, masks

@@ -49,12 +49,20 @@ DEFAULT_CANDIDATES: tuple[dict[str, Any], ...] = (
     {"backbone": "efficientnet_lite2", "resize": 448},
     {"backbone": "efficientnet_lite2", "resize": 512},
     {"backbone": "efficientnet_lite2", "resize": 512, "tile_size": 384},
+    # The image score from the mean of the top 1% of patch scores rather than the largest one.
+    {"backbone": "efficientnet_lite2", "resize": 384, "aggregation": "top1%"},
+    # The bank also filled from mirrored and half-turned copies: for parts that come in any orientation.
+    {"backbone": "efficientnet_lite2", "resize": 384, "augment": "flip"},
 )
 #: Relative cost of the backbones per input pixel (lite0 = 1), for trying the cheapest first.
 BACKBONE_COST = {"efficientnet_lite0": 1.0, "efficientnet_lite1": 1.4, "efficientnet_lite2": 1.6}
+#: Copies of each training photo that an ``augment`` setting fits on (the fit's cost grows with them).
+AUGMENT_COPIES = {"none": 1, "flip": 4, "rot90": 4, "dihedral": 8}
 #: The predict limit the README's defaults were chosen under: 150 ms per photo.
 DEFAULT_MAX_PREDICT_MS = 150.0
 DEFAULT_BUDGET_MINUTES = 30.0
+#: Synthetic defects per held-out photo, each on its own copy: more defects, steadier rankings.
+DEFAULT_DEFECTS_PER_PHOTO = 1
 #: Longer side of the maps and masks that AUPRO is computed on (full size costs more and ranks alike).
 PIXEL_EVAL_SIDE = 256
 AUPRO_FPR_LIMIT = 0.3
@@ -130,7 +138,10 @@ def estimated_cost(settings: dict[str, Any]) -> float:
         pixels = 1.5 * float(resize) ** 2
     backbone = BACKBONE_COST.get(settings.get("backbone", DEFAULTS["backbone"]), 3.0)
     tiles = 1.2 if settings.get("tile_size") else 1.0
-    return pixels * backbone * tiles * (1.0 + 20.0 * float(settings.get("coreset_ratio", DEFAULTS["coreset_ratio"])))
+    augment = str(settings.get("augment", "none")).lower()
+    copies = AUGMENT_COPIES.get(augment, int(augment[6:]) if augment[6:].isdigit() else 4)  # rotate<N>: N copies
+    bank = 1.0 + 20.0 * float(settings.get("coreset_ratio", DEFAULTS["coreset_ratio"]))
+    return pixels * backbone * tiles * bank * (1.0 + 0.5 * (copies - 1))
 
 
 def unknown_settings(settings: dict[str, Any]) -> list[str]:
@@ -190,9 +201,9 @@ def split_images(images: Sequence[Path], holdout_share: float, max_holdout: int,
 
 
 def prepare_holdout(images: Sequence[Path], folder: Path, holdout_share: float = 0.2, max_holdout: int = 40,
-                    max_train_images: int | None = 200, seed: int = 0) -> HeldOut:
-    """Split the photos, draw one synthetic defect on each held-out photo and write those to
-    ``folder`` (``<stem>_defect.png`` and ``<stem>_mask.png``). The background of the part masks
+                    max_train_images: int | None = 200, seed: int = 0, defects_per_photo: int = 1) -> HeldOut:
+    """Split the photos, draw ``defects_per_photo`` synthetic defects on each held-out photo (one
+    per copy) and write those to ``folder`` (``<stem>_defect.png`` and ``<stem>_mask.png``). The background of the part masks
     is learnt from up to 50 photos of the training part. ``max_train_images`` caps (seeded) the
     photos candidates are fitted on: fitting is most of tuning's time."""
     train, held = split_images(list(images), holdout_share, max_holdout, seed)
@@ -202,10 +213,11 @@ def prepare_holdout(images: Sequence[Path], folder: Path, holdout_share: float =
     sample = [train[i] for i in np.linspace(0, len(train) - 1, min(50, len(train))).round().astype(int)]
     background = BackgroundColours.from_images([np.asarray(read_image(path)) for path in sample])
     photos = [np.asarray(read_image(path)) for path in held]
-    defects, parts = synthesize_defects(photos, seed=seed, background=background)
+    defects, parts = synthesize_defects(photos, seed=seed, background=background, per_photo=defects_per_photo)
     folder.mkdir(parents=True, exist_ok=True)
     defective = []
-    for i, (path, defect) in enumerate(zip(held, defects)):
+    for i, defect in enumerate(defects):
+        path = held[i // defects_per_photo]
         stem = f"{i:03d}_{Path(path).stem}_{defect.kind}"
         Image.fromarray(defect.image).save(folder / f"{stem}_defect.png")
         Image.fromarray(defect.mask.astype(np.uint8) * 255).save(folder / f"{stem}_mask.png")
@@ -279,7 +291,8 @@ def _default_model(base: dict[str, Any]) -> Callable[[dict[str, Any]], Any]:
 def tune(images: Sequence[str | os.PathLike] | str | os.PathLike, candidates: Sequence[dict[str, Any]] = DEFAULT_CANDIDATES,
          fixed: dict[str, Any] | None = None, base: dict[str, Any] | None = None, limits: Limits = Limits(),
          holdout_share: float = 0.2, max_holdout: int = 40, max_train_images: int | None = 200, seed: int = 0,
-         defects_dir: str | os.PathLike | None = None, progress: bool = True) -> TuningResult:
+         defects_per_photo: int = DEFAULT_DEFECTS_PER_PHOTO, defects_dir: str | os.PathLike | None = None,
+         progress: bool = True) -> TuningResult:
     """Try ``candidates`` (settings dicts; ``fixed`` settings imposed on each, ``base`` settings
     under them, e.g. threads) on good photos with synthetic defects and choose one (see the
     module's docstring). Stops starting candidates once ``limits.budget_minutes`` have passed (the
@@ -290,10 +303,10 @@ def tune(images: Sequence[str | os.PathLike] | str | os.PathLike, candidates: Se
     load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
     with tempfile.TemporaryDirectory(prefix="patchcore-tune-") as scratch:
         folder = Path(defects_dir) if defects_dir is not None else Path(scratch)
-        held = prepare_holdout(paths, folder, holdout_share, max_holdout, max_train_images, seed)
+        held = prepare_holdout(paths, folder, holdout_share, max_holdout, max_train_images, seed, defects_per_photo)
         if progress:
             log(f"tune: fitting candidates on {len(held.train)} photos, measuring on {len(held.good)} held-out good photos "
-                f"and the same with a synthetic defect each ({held.part_note})")
+                f"and {len(held.defective)} copies of them with a synthetic defect ({held.part_note})")
         make_model = _default_model(base)
         trials: list[Trial] = []
         ordered = candidate_list(candidates, fixed)
