@@ -2,8 +2,9 @@
 
 For each data set (an MVTec-style category folder: train/good, test/<defect>, ground_truth):
 
-1. synthetic: ``tune`` on ``train/good`` only (its defaults: 20% held out, at most 40, candidates
-   fitted on at most 200 photos), every candidate of the grid measured, no limits;
+1. synthetic: ``tune`` on ``train/good`` only (its defaults: 20% held out, at most 40, three
+   synthetic defects on copies of each, candidates fitted on at most 200 photos), every candidate
+   of the grid measured, no limits;
 2. real: each candidate fitted on all of ``train/good`` and evaluated on the labelled test set
    with ``evaluate_dataset`` (image AUROC, AUPRO; pixel metrics on maps and masks resized to
    ``--eval-size``);
@@ -33,7 +34,7 @@ from scipy.stats import spearmanr
 from patchcore.engine.model import PatchCore
 from patchcore.evaluation.datasets import load_mvtec_category
 from patchcore.evaluation.evaluate import evaluate_dataset
-from patchcore.evaluation.tuning import describe, measure, prepare_holdout, ranking_score
+from patchcore.evaluation.tuning import DEFAULT_DEFECTS_PER_PHOTO, describe, measure, prepare_holdout, ranking_score
 
 #: The candidates compared: input size, backbone and bank share around the defaults.
 GRID = (
@@ -156,8 +157,9 @@ def main() -> None:
     parser.add_argument("-o", "--output", type=Path, default=Path("out/tune_agreement"))
     parser.add_argument("--eval-size", type=int, default=256, help="pixel metrics on N x N maps and masks (default 256)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the held-out split and the synthetic defects")
-    parser.add_argument("--defects-per-photo", type=int, default=1,
-                        help="synthetic defects drawn on each held-out photo, each on its own copy (default: 1, as tune)")
+    parser.add_argument("--defects-per-photo", type=int, default=DEFAULT_DEFECTS_PER_PHOTO,
+                        help=f"synthetic defects drawn on each held-out photo, each on its own copy "
+                             f"(default: {DEFAULT_DEFECTS_PER_PHOTO}, as tune)")
     args = parser.parse_args()
     args.output.mkdir(parents=True, exist_ok=True)
     cells = read_cells(args.output / "cells.jsonl")

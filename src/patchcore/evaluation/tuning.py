@@ -61,8 +61,9 @@ AUGMENT_COPIES = {"none": 1, "flip": 4, "rot90": 4, "dihedral": 8}
 #: The predict limit the README's defaults were chosen under: 150 ms per photo.
 DEFAULT_MAX_PREDICT_MS = 150.0
 DEFAULT_BUDGET_MINUTES = 30.0
-#: Synthetic defects per held-out photo, each on its own copy: more defects, steadier rankings.
-DEFAULT_DEFECTS_PER_PHOTO = 1
+#: Synthetic defects per held-out photo, each on its own copy: more defects, steadier rankings (Spearman
+#: with real defects 0.62 -> 0.90 on bottle, 0.83 -> 0.88 on macaroni1 going from 1 to 3; docs/experiments.md).
+DEFAULT_DEFECTS_PER_PHOTO = 3
 #: Longer side of the maps and masks that AUPRO is computed on (full size costs more and ranks alike).
 PIXEL_EVAL_SIDE = 256
 AUPRO_FPR_LIMIT = 0.3
