@@ -25,7 +25,8 @@ def _backbones(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     # The commands are imported here, not on import of this module: main() has its signal
     # handlers in place first, so that Ctrl-C while they load (half a second) stops cleanly too.
-    from . import add, demo, evaluate, experiment, export, fit, fit_many, history, predict, rollback, serve, teach_token, tune, watch
+    from . import (add, demo, evaluate, experiment, export, fit, fit_many, history, predict, review, rollback, serve, teach_token,
+                   tune, watch)
 
     parser = argparse.ArgumentParser(
         prog="patchcore",
@@ -35,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"patchcore {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for command in (fit, predict, add, history, rollback, export, fit_many, demo, evaluate, experiment, serve, teach_token,
-                    watch, tune):
+                    watch, tune, review):
         command.add_parser(commands)
     backbones = commands.add_parser("backbones", help="list the known backbones", description="List the known backbones.")
     backbones.set_defaults(handler=_backbones)

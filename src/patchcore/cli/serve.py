@@ -6,10 +6,12 @@ import argparse
 import math
 
 from ..serving.teach_in import DEFAULT_MAX_IMAGES, DEFAULT_MAX_MEGAPIXELS
+from ..station.drift import DriftSettings
 from ..serving.teach_tokens import DEFAULT_TOKEN_FILE, ensure_token_file
 from .options import positive_int
 
 DEFAULT_MAX_UPLOAD_MB = 20.0
+DEFAULT_DRIFT = DriftSettings()
 
 
 def add_parser(commands) -> None:
@@ -29,7 +31,19 @@ def add_parser(commands) -> None:
                         help="requests that may wait for a free scoring slot; more are refused at once with 503 (default: 64)")
     parser.add_argument("--history", default=None, metavar="URL",
                         help="record every scored request (source 'service') in this history database: a SQLite file "
-                             "path, sqlite:///FILE or postgresql://... (the one 'patchcore watch' writes)")
+                             "path, sqlite:///FILE or postgresql://... (the one 'patchcore watch' writes); the web "
+                             "page's History view reviews its verdicts")
+    station = parser.add_argument_group("the History view (with --history): review, teach-in queue, drift")
+    station.add_argument("--station-folder", action="append", default=[], metavar="DIR",
+                         help="a folder whose photos, overlays, masks and evidence crops the History view may show and "
+                              "teach from, e.g. watch's OUT_DIR and INBOX (repeatable; default: the folder of a SQLite "
+                              "--history file, which is watch's OUT_DIR); files elsewhere are never served")
+    station.add_argument("--drift-window", type=positive_int, default=DEFAULT_DRIFT.window, metavar="N",
+                         help="drift is measured over each model's last N scored verdicts (default: "
+                              f"{DEFAULT_DRIFT.window})")
+    station.add_argument("--drift-multiple", type=float, default=DEFAULT_DRIFT.warn_multiple, metavar="X",
+                         help="warn when the share of those flagged exceeds X times the false-positive rate the "
+                              f"threshold was calibrated at (default: {DEFAULT_DRIFT.warn_multiple:g})")
     teach = parser.add_argument_group("teach-in (POST /v1/models/{name}/good and .../rollback change the model)")
     teach.add_argument("--teach-token-file", default=None, metavar="FILE",
                        help="the teach-in tokens, 'NAME TOKEN' per line, readable by their owner only; created with "
@@ -54,6 +68,10 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--max-queue must be 0 or more")
     if args.teach_max_megapixels <= 0:
         raise ValueError("--teach-max-megapixels must be positive")
+    if not args.drift_multiple > 0 or not math.isfinite(args.drift_multiple):
+        raise ValueError("--drift-multiple must be a positive number")
+    if args.station_folder and args.history is None:
+        raise ValueError("--station-folder needs --history (the History view reads the history database)")
     token_file = None
     if args.no_teach_in:
         print("teach-in: off (--no-teach-in)", flush=True)
@@ -66,5 +84,6 @@ def run(args: argparse.Namespace) -> int:
           max_queue=args.max_queue, teach_token_file=str(token_file) if token_file else None,
           allowed_origins=args.allow_origin, teach_max_images=args.teach_max_images,
           teach_max_megapixels=args.teach_max_megapixels,
-          history_url=args.history)
+          history_url=args.history, station_folders=args.station_folder, drift_window=args.drift_window,
+          drift_multiple=args.drift_multiple)
     return 0

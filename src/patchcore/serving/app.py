@@ -10,7 +10,8 @@ decoder failures are 422 with a message, never 500; inference slots and a bounde
 (:mod:`.inference`). Every error body is JSON: ``{"error": "..."}``.
 
 The routes live in routers (``routes_service``: health and metrics; ``routes_models``;
-``routes_scoring``: predict; ``routes_teach_in``; ``routes_page``: the web page); their shared
+``routes_scoring``: predict; ``routes_teach_in``; ``routes_history``: the History view's review,
+teach-in queue and drift; ``routes_page``: the web page); their shared
 state is on ``app.state`` and reaches them through the dependencies of ``routes_dependencies``.
 This module only wires them.
 """
@@ -25,6 +26,7 @@ from typing import Mapping, Sequence
 from PIL import Image
 
 from .. import __version__
+from ..station.drift import DriftSettings
 from .guard import RequestGuard, ServiceError
 from .inference import InferenceRunner, default_slots
 from .metrics import Metrics
@@ -41,6 +43,7 @@ DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
 DEFAULT_MAX_INPUT_PIXELS = 2048 * 2048
 #: Heat maps, overlays and masks longer than this on a side are scaled down for the response.
 DEFAULT_MAX_MAP_SIDE = 2048
+DEFAULT_DRIFT = DriftSettings()
 #: Room for the multipart envelope around a file of ``max_upload_bytes``.
 MULTIPART_OVERHEAD = 64 * 1024
 
@@ -60,6 +63,9 @@ def create_app(
     teach_max_images: int = DEFAULT_MAX_IMAGES,
     teach_max_megapixels: float = DEFAULT_MAX_MEGAPIXELS,
     history_url: str | os.PathLike | None = None,
+    station_folders: Sequence[str | os.PathLike] = (),
+    drift_window: int = DEFAULT_DRIFT.window,
+    drift_multiple: float = DEFAULT_DRIFT.warn_multiple,
 ):
     """The FastAPI app serving ``{name: model directory}``; each model is loaded once, here.
 
@@ -73,14 +79,19 @@ def create_app(
     ``teach_max_megapixels`` bound one teach-in request. ``history_url``: a history database
     (:mod:`patchcore.station.history`: a SQLite file or ``postgresql://...``) in which every scored
     request is recorded with source ``service``, by a writer thread, so that recording never holds
-    up an answer (``app.state.history``: the :class:`~patchcore.station.writer.HistoryWriter`).
+    up an answer (``app.state.history``: the :class:`~patchcore.station.writer.HistoryWriter`), and
+    which the History view reads (:mod:`.routes_history`). ``station_folders``: the folders whose
+    files (photos, overlays, masks, evidence crops) the History view may serve and teach from
+    (default: the SQLite database's folder). ``drift_window``, ``drift_multiple``: drift is watched
+    over each model's last ``drift_window`` scored verdicts, warning when the flagged share exceeds
+    ``drift_multiple`` times the calibrated false-positive rate (:mod:`patchcore.station.drift`).
     """
     # The web stack is imported here, so that importing this module (the CLI does) stays light.
     from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    from . import routes_models, routes_page, routes_scoring, routes_service, routes_teach_in
+    from . import routes_history, routes_models, routes_page, routes_scoring, routes_service, routes_teach_in
     from .routes_dependencies import Limits
 
     if max_upload_bytes < 1:
@@ -92,10 +103,12 @@ def create_app(
     runner = InferenceRunner(metrics, inference_slots if inference_slots is not None else default_slots(threads), max_queue,
                              max_image_pixels, max_input_pixels, max_map_side)
 
+    drift = DriftSettings(window=drift_window, warn_multiple=drift_multiple)
     history = _open_history(history_url)
     app = FastAPI(title="patchcore", version=__version__, lifespan=_lifespan,
                   description="PatchCore anomaly detection: score images, get anomaly heat maps and masks.")
     app.state.history = history
+    app.state.station = None if history is None else routes_history.StationView.open(history.history, station_folders, drift)
     app.state.models = models
     app.state.metrics = metrics
     app.state.runner = runner
@@ -110,7 +123,7 @@ def create_app(
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(Exception, _unexpected)
-    for module in (routes_service, routes_models, routes_scoring, routes_teach_in, routes_page):
+    for module in (routes_service, routes_models, routes_scoring, routes_teach_in, routes_history, routes_page):
         app.include_router(module.router)
     # Outermost: the guard sees every request, including those refused before routing.
     app.add_middleware(RequestGuard, max_body_bytes=max_upload_bytes + MULTIPART_OVERHEAD,
@@ -132,8 +145,15 @@ def _open_history(history_url: str | os.PathLike | None):
 
 @contextlib.asynccontextmanager
 async def _lifespan(app):
-    """On shutdown, commit the verdicts still queued for the history database."""
+    """With a history database: refresh the drift gauges while serving. On shutdown, commit the
+    verdicts still queued for the history database."""
+    from .routes_history import DriftRefresher
+
+    station = getattr(app.state, "station", None)
+    refresher = None if station is None else DriftRefresher(station, app.state.models, app.state.metrics).start()
     yield
+    if refresher is not None:
+        refresher.stop()
     writer = getattr(app.state, "history", None)
     if writer is not None:
         writer.close()

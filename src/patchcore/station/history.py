@@ -24,10 +24,10 @@ import time
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from sqlalchemy import Engine, and_, create_engine, event, func, select, text
+from sqlalchemy import Engine, and_, create_engine, event, func, or_, select, text, update
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, StatementError
-from sqlalchemy.orm import selectinload, sessionmaker
+from sqlalchemy.orm import aliased, selectinload, sessionmaker
 
 from ..errors import PatchCoreError
 from . import DEFAULT_FILE
@@ -36,6 +36,9 @@ from .schema import REVIEW_VERDICTS, VERSION_TABLE, EvidenceCrop, Inspection, Re
 MIGRATIONS = Path(__file__).with_name("migrations")
 #: Seconds a SQLite writer waits for another one (the service and a station on one file).
 SQLITE_BUSY_SECONDS = 30
+#: Seconds after which a teach-in queue entry claimed by an apply that never finished (its
+#: process died) waits in the queue again.
+CLAIM_SECONDS = 600
 #: Key of the PostgreSQL advisory lock held while migrating (any constant shared by all stations).
 _MIGRATION_LOCK = 0x7061746368636F72  # "patchcor"
 
@@ -167,8 +170,10 @@ class History:
 
     Writing: :meth:`record` adds inspections in one transaction (see
     :class:`~patchcore.station.writer.HistoryWriter` for writing beside scoring). Reading:
-    :meth:`inspections`, :meth:`inspection`, :meth:`find_watched`, :meth:`scores`,
-    :meth:`verdict_counts`. Reviews: :meth:`add_review`.
+    :meth:`inspections`, :meth:`count_inspections`, :meth:`inspection`, :meth:`find_watched`,
+    :meth:`scores`, :meth:`recent_scores`, :meth:`verdict_counts`, :meth:`model_names`. Reviews:
+    :meth:`add_review`, :meth:`reviewed`; the teach-in queue: :meth:`teach_in_queue`,
+    :meth:`claim_teach_in`, :meth:`finish_teach_in`, :meth:`release_teach_in`.
     """
 
     def __init__(self, location: str | os.PathLike) -> None:
@@ -221,13 +226,15 @@ class History:
             session.get_one(Inspection, inspection_id).stored_path = stored_path
 
     def add_review(self, inspection_id: int, verdict: str, who: str, note: str | None = None,
-                   at: dt.datetime | None = None) -> Review:
-        """Record ``who``'s judgement of inspection ``inspection_id``: ``false_alarm`` or ``confirmed_defect``."""
+                   at: dt.datetime | None = None, verified: bool = False) -> Review:
+        """Record ``who``'s judgement of inspection ``inspection_id``: ``false_alarm`` or ``confirmed_defect``.
+        ``verified``: ``who`` is the name of a teach-in token the reviewer showed, not a name as typed."""
         if verdict not in REVIEW_VERDICTS:
             raise HistoryError(f"review verdict must be one of {', '.join(REVIEW_VERDICTS)}, got {verdict!r}")
         if not who or not who.strip():
             raise HistoryError("a review needs the name of who gave it")
-        review = Review(inspection_id=inspection_id, verdict=verdict, who=who.strip(), note=note, at=at or utc_now())
+        review = Review(inspection_id=inspection_id, verdict=verdict, who=who.strip(), note=note, at=at or utc_now(),
+                        who_verified=verified)
         with self.writing_sessions.begin() as session:
             if session.get(Inspection, inspection_id) is None:
                 raise HistoryError(f"{self.name}: no inspection {inspection_id} to review")
@@ -252,19 +259,35 @@ class History:
     def inspections(self, *, source: str | None = None, station: str | None = None, model_name: str | None = None,
                     verdict: str | Iterable[str] | None = None, since: dt.datetime | None = None,
                     until: dt.datetime | None = None, reviewed: bool | None = None, limit: int | None = 100,
-                    offset: int = 0, newest_first: bool = True) -> list[Inspection]:
+                    offset: int = 0, newest_first: bool = True, min_score: float | None = None,
+                    max_score: float | None = None) -> list[Inspection]:
         """Inspections matching every filter given, with their evidence and reviews: ``since``
         inclusive, ``until`` exclusive; ``reviewed``: only those with (``True``) or without
-        (``False``) a review; ``limit=None`` for all."""
-        query = select(Inspection).where(*self._filters(source, station, model_name, verdict, since, until))
-        if reviewed is not None:
-            has_review = select(Review.id).where(Review.inspection_id == Inspection.id).exists()
-            query = query.where(has_review if reviewed else ~has_review)
+        (``False``) a review; ``min_score`` and ``max_score`` inclusive (photos without a score
+        are left out by either); ``limit=None`` for all."""
+        query = select(Inspection).where(*self._listing_filters(source, station, model_name, verdict, since, until,
+                                                                reviewed, min_score, max_score))
         order = (Inspection.at.desc(), Inspection.id.desc()) if newest_first else (Inspection.at, Inspection.id)
         query = query.order_by(*order).offset(offset).limit(limit)
         with self.sessions() as session:
             return list(session.scalars(query.options(selectinload(Inspection.evidence),
                                                       selectinload(Inspection.reviews))))
+
+    def count_inspections(self, *, source: str | None = None, station: str | None = None,
+                          model_name: str | None = None, verdict: str | Iterable[str] | None = None,
+                          since: dt.datetime | None = None, until: dt.datetime | None = None,
+                          reviewed: bool | None = None, min_score: float | None = None,
+                          max_score: float | None = None) -> int:
+        """How many inspections :meth:`inspections` would list with these filters and no limit (for paging)."""
+        query = select(func.count()).select_from(Inspection).where(*self._listing_filters(
+            source, station, model_name, verdict, since, until, reviewed, min_score, max_score))
+        with self.sessions() as session:
+            return int(session.scalar(query) or 0)
+
+    def model_names(self) -> list[str]:
+        """Every model name the history holds verdicts of, sorted."""
+        with self.sessions() as session:
+            return list(session.scalars(select(Inspection.model_name).distinct().order_by(Inspection.model_name)))
 
     def verdict_counts(self, *, source: str | None = None, station: str | None = None, model_name: str | None = None,
                        since: dt.datetime | None = None, until: dt.datetime | None = None) -> dict[str, int]:
@@ -283,6 +306,92 @@ class History:
         with self.sessions() as session:
             return [tuple(row) for row in session.execute(query)]
 
+    def recent_scores(self, model_name: str, limit: int) -> list[float]:
+        """The scores of the last ``limit`` scored photos of ``model_name``, oldest first (a drift window)."""
+        query = (select(Inspection.score).where(Inspection.model_name == model_name, Inspection.score.is_not(None))
+                 .order_by(Inspection.at.desc(), Inspection.id.desc()).limit(limit))
+        with self.sessions() as session:
+            return list(session.scalars(query))[::-1]
+
+    # -- reviews and the teach-in queue ----------------------------------------------------------
+
+    def reviewed(self, *, model_name: str | None = None) -> list[tuple[Inspection, Review]]:
+        """Every reviewed inspection with its latest review (the highest id: the one recorded
+        last), oldest inspection first."""
+        latest = _latest_review()
+        query = (select(Inspection, Review).join(Review, Review.inspection_id == Inspection.id).where(latest)
+                 .order_by(Inspection.at, Inspection.id))
+        if model_name is not None:
+            query = query.where(Inspection.model_name == model_name)
+        with self.sessions() as session:
+            return [(inspection, review) for inspection, review in session.execute(query)]
+
+    def teach_in_queue(self, model_name: str | None = None, *, stale_after: float = CLAIM_SECONDS,
+                       limit: int | None = None) -> list[Review]:
+        """The teach-in queue: the false alarms waiting to be taught, oldest review first, each with
+        its inspection (``review.inspection``, with evidence) loaded. An inspection is in it while
+        its latest review says false alarm and none of its reviews was taught; a review an apply
+        claimed less than ``stale_after`` seconds ago (being taught now) is left out."""
+        query = (select(Review).join(Inspection, Review.inspection_id == Inspection.id)
+                 .where(*self._queue_filters(stale_after))
+                 .order_by(Review.at, Review.id).limit(limit)
+                 .options(selectinload(Review.inspection).selectinload(Inspection.evidence)))
+        if model_name is not None:
+            query = query.where(Inspection.model_name == model_name)
+        with self.sessions() as session:
+            return list(session.scalars(query))
+
+    def claim_teach_in(self, review_ids: Sequence[int], who: str, *, stale_after: float = CLAIM_SECONDS) -> list[int]:
+        """Claim queue entries for ``who``'s teach-in, in one transaction: of ``review_ids``, those
+        still waiting (not taught, not claimed by another apply under way) are marked with ``who``
+        and now, and returned. Two supervisors applying at once never teach one photo twice."""
+        if not review_ids:
+            return []
+        now = utc_now()
+        with self.writing_sessions.begin() as session:
+            query = (select(Review).join(Inspection, Review.inspection_id == Inspection.id)
+                     .where(Review.id.in_(list(review_ids)), *self._queue_filters(stale_after)).with_for_update())
+            claimed = list(session.scalars(query))
+            for review in claimed:
+                review.taught_by, review.taught_at = who, now
+            return sorted(review.id for review in claimed)
+
+    def finish_teach_in(self, review_ids: Sequence[int], version: int) -> None:
+        """Mark claimed queue entries taught: model version ``version`` learnt their photos."""
+        if not review_ids:
+            return
+        with self.writing_sessions.begin() as session:
+            session.execute(update(Review).where(Review.id.in_(list(review_ids))).values(taught_version=int(version)))
+
+    def release_teach_in(self, review_ids: Sequence[int]) -> None:
+        """Give claimed queue entries back to the queue (their teach-in failed)."""
+        if not review_ids:
+            return
+        with self.writing_sessions.begin() as session:
+            session.execute(update(Review).where(Review.id.in_(list(review_ids)), Review.taught_version.is_(None))
+                            .values(taught_by=None, taught_at=None))
+
+    @staticmethod
+    def _queue_filters(stale_after: float) -> list:
+        other = aliased(Review)
+        taught = select(other.id).where(other.inspection_id == Review.inspection_id,
+                                        other.taught_version.is_not(None)).exists()
+        cutoff = utc_now() - dt.timedelta(seconds=stale_after)
+        return [Review.verdict == "false_alarm", _latest_review(), ~taught, Review.taught_version.is_(None),
+                or_(Review.taught_at.is_(None), Review.taught_at < cutoff)]
+
+    def _listing_filters(self, source, station, model_name, verdict, since, until, reviewed, min_score,
+                         max_score) -> list:
+        filters = self._filters(source, station, model_name, verdict, since, until)
+        if reviewed is not None:
+            has_review = select(Review.id).where(Review.inspection_id == Inspection.id).exists()
+            filters.append(has_review if reviewed else ~has_review)
+        if min_score is not None:
+            filters.append(Inspection.score >= min_score)
+        if max_score is not None:
+            filters.append(Inspection.score <= max_score)
+        return filters
+
     @staticmethod
     def _filters(source, station, model_name, verdict, since, until) -> list:
         filters = []
@@ -300,6 +409,12 @@ class History:
         if until is not None:
             filters.append(Inspection.at < until)
         return [and_(*filters)] if filters else []
+
+
+def _latest_review():
+    """Condition: ``Review`` is its inspection's latest review (no review of it has a higher id)."""
+    later = aliased(Review)
+    return ~select(later.id).where(later.inspection_id == Review.inspection_id, later.id > Review.id).exists()
 
 
 def _reason(error: DBAPIError) -> str:

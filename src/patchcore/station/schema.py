@@ -36,7 +36,11 @@ station is part of the key: two lines sharing a database may both have a ``/srv/
 ``evidence_crops``: for an inspection, each of its most anomalous patches (``rank`` 1, 2, ...)
 with the crop written for it (the patch beside its nearest normal training patch), the distance,
 and where the patches lie. ``reviews``: a person's judgement of an inspection (``false_alarm`` or
-``confirmed_defect``), who gave it and when; an inspection may collect several.
+``confirmed_defect``), who gave it and when; an inspection may collect several, and the latest
+counts. ``who`` is the name a teach-in token is filed under when the review came with one
+(``who_verified`` true), else the name the reviewer typed, as given. A false alarm waits in the
+teach-in queue until a supervisor applies it: ``taught_by`` and ``taught_at`` are set when an apply
+claims it, ``taught_version`` when the model version that learnt the photo is written.
 
 Changes to these tables need a new Alembic migration in ``migrations/versions``.
 """
@@ -46,7 +50,8 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any, Optional
 
-from sqlalchemy import JSON, CheckConstraint, DateTime, Float, ForeignKey, Index, Integer, MetaData, String, Text, text
+from sqlalchemy import (JSON, Boolean, CheckConstraint, DateTime, Float, ForeignKey, Index, Integer, MetaData, String, Text,
+                        false, text)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
@@ -176,5 +181,12 @@ class Review(Base):
     who: Mapped[str] = mapped_column(String(255))
     at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utc_now)
     note: Mapped[Optional[str]] = mapped_column(Text, default=None)
+    #: ``who`` is a teach-in token's name (the request carried that token), not a name as typed.
+    who_verified: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    #: The teach-in of a false alarm: the supervisor who applied it and when (set on claiming it),
+    #: and the model version written with the photo (NULL until written).
+    taught_by: Mapped[Optional[str]] = mapped_column(String(255), default=None)
+    taught_at: Mapped[Optional[dt.datetime]] = mapped_column(UTCDateTime, default=None)
+    taught_version: Mapped[Optional[int]] = mapped_column(Integer, default=None)
 
     inspection: Mapped[Inspection] = relationship(back_populates="reviews")
