@@ -120,12 +120,15 @@ def test_the_queue_holds_the_latest_false_alarms_and_claims_each_once(location):
         history.release_teach_in([ids[1]])  # its teach-in failed: queued again
         assert [r.inspection_id for r in history.teach_in_queue(MODEL)] == [third]
         history.finish_teach_in([ids[0]], 7)
-        history.add_review(first, "false_alarm", "dave")  # taught already: never queued twice
-        assert [r.inspection_id for r in history.teach_in_queue(MODEL)] == [third]
+        assert [r.inspection_id for r in history.teach_in_queue(MODEL)] == [third]  # taught: out of the queue
+        assert history.claim_teach_in([ids[0]], "carol") == []
+        history.add_review(first, "false_alarm", "dave")  # marked again (version 7 was rolled back): queued again
+        assert [r.inspection_id for r in history.teach_in_queue(MODEL)] == [third, first]
         taught = history.inspection(first).reviews[0]
         assert (taught.taught_by, taught.taught_version) == ("alice", 7) and taught.taught_at is not None
         assert [(i.id, r.verdict) for i, r in history.reviewed(model_name=MODEL)] == [
             (first, "false_alarm"), (second, "confirmed_defect"), (third, "false_alarm")]
+        assert history.reviewed(model_name=MODEL)[0][1].who == "dave"
         assert history.count_inspections(reviewed=True) == 4 and history.model_names() == [MODEL, "other"]
         assert history.recent_scores(MODEL, 2) == [3.0, 3.0]
 

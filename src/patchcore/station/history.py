@@ -330,8 +330,10 @@ class History:
                        limit: int | None = None) -> list[Review]:
         """The teach-in queue: the false alarms waiting to be taught, oldest review first, each with
         its inspection (``review.inspection``, with evidence) loaded. An inspection is in it while
-        its latest review says false alarm and none of its reviews was taught; a review an apply
-        claimed less than ``stale_after`` seconds ago (being taught now) is left out."""
+        its latest review says false alarm and that review was not taught; a review an apply
+        claimed less than ``stale_after`` seconds ago (being taught now) is left out. A photo
+        taught once is queued again only by a new false-alarm review (after its version was
+        rolled back, say)."""
         query = (select(Review).join(Inspection, Review.inspection_id == Inspection.id)
                  .where(*self._queue_filters(stale_after))
                  .order_by(Review.at, Review.id).limit(limit)
@@ -373,11 +375,8 @@ class History:
 
     @staticmethod
     def _queue_filters(stale_after: float) -> list:
-        other = aliased(Review)
-        taught = select(other.id).where(other.inspection_id == Review.inspection_id,
-                                        other.taught_version.is_not(None)).exists()
         cutoff = utc_now() - dt.timedelta(seconds=stale_after)
-        return [Review.verdict == "false_alarm", _latest_review(), ~taught, Review.taught_version.is_(None),
+        return [Review.verdict == "false_alarm", _latest_review(), Review.taught_version.is_(None),
                 or_(Review.taught_at.is_(None), Review.taught_at < cutoff)]
 
     def _listing_filters(self, source, station, model_name, verdict, since, until, reviewed, min_score,
