@@ -66,6 +66,26 @@ def fraction(text: str) -> float:
     return value
 
 
+def augment(text: str) -> str:
+    from ..engine.augmentation import parse_augment  # numpy: only when the option is given
+
+    try:
+        parse_augment(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text.strip().lower()
+
+
+def aggregation(text: str) -> str:
+    from ..engine.scoring import parse_aggregation  # scipy: only when the option is given
+
+    try:
+        parse_aggregation(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text.strip().lower()
+
+
 def names(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
@@ -123,6 +143,15 @@ def add_model_options(parser: argparse.ArgumentParser, methods: bool = False) ->
     group.add_argument("--tile-overlap", type=fraction, default=None,
                        help=f"share of a tile's side that neighbouring tiles overlap (default: {_default('tile_overlap')})")
     group.add_argument("--no-reweight", action="store_true", help="image score = plain maximum patch score instead of eq. 7")
+    group.add_argument("--aggregation", type=aggregation, default=None,
+                       help="image score from the patch scores: max (the paper's, re-weighted by eq. 7), top<k> (mean of "
+                            "the k largest, each re-weighted) or top<p>%% (of the largest p percent of the patches) "
+                            f"(default: {_default('aggregation')})")
+    group.add_argument("--augment", type=augment, default=None,
+                       help="fill the memory bank from turned / mirrored copies of each training photo too, for parts at "
+                            "any orientation: none, flip (mirrored both ways, 4 copies), rot90 (quarter turns, 4), "
+                            "dihedral (both, 8) or rotate<N> (N turns 360/N degrees apart) (fit and teach-in take N times "
+                            f"as long) (default: {_default('augment')})")
     group.add_argument("--search-backend", choices=("auto", "numpy", "faiss", "hnsw", "ivfpq"), default=None,
                        help="nearest-neighbour search: auto (exact up to 1,000 bank vectors, HNSW above), exact with numpy's "
                             "BLAS (faster on CPU) or faiss, or approximate with faiss hnsw / ivfpq (faster for large memory "
@@ -144,7 +173,8 @@ def add_model_options(parser: argparse.ArgumentParser, methods: bool = False) ->
 
 #: Command-line option (argparse destination) -> PatchCore setting.
 _OPTION_SETTINGS = ("backbone", "layers", "weights", "coreset_ratio", "max_bank_size", "feature_width", "neighbourhood", "resize", "crop",
-                    "tile_size", "tile_overlap", "search_backend", "seed", "batch_size", "device", "threads", "scratch_dir")
+                    "tile_size", "tile_overlap", "search_backend", "seed", "batch_size", "device", "threads", "scratch_dir",
+                    "aggregation", "augment")
 
 
 def model_settings_from_args(args: argparse.Namespace) -> dict:

@@ -18,13 +18,14 @@ from tqdm.auto import tqdm
 from ..errors import NotFittedError
 from .approximate_search import KINDS as APPROXIMATE_KINDS
 from .approximate_search import ApproximateIndex
+from .augmentation import Augmenter, ValidRows, augmenter, training_patch_box, valid_cells, view_record
 from .coreset import continue_greedy, coreset_size
 from .digest import image_sha256
 from .geometry import InputTransform, Placement
 from .images import ImageSource, LoadedBatch, expand_sources, iterate_batches, source_name
 from .patch_store import PatchStore
 from .prediction import ErrorHandler, Evidence, Prediction
-from .scoring import anomaly_map, network_map, reweighted_image_score
+from .scoring import aggregated_image_score, anomaly_map, network_map, top_patches
 from .search import IDLE_CORES, MemoryBankIndex, search_threads
 from .settings import ModelSettings
 from .thresholds import flagging_threshold
@@ -55,10 +56,13 @@ def embed_batches(
     progress: bool = False,
     on_error: ErrorHandler | None = None,
     keep_images: bool = False,
+    augment: Augmenter | None = None,
 ) -> Iterator[tuple[LoadedBatch, object]]:
-    """Decode, transform and embed ``sources`` batch by batch: ``(batch, embedding(batch.pixels))``."""
-    batches = iterate_batches(sources, transform, batch_size, on_error=on_error, keep_images=keep_images)
-    with tqdm(total=len(sources), desc=description, unit="img", disable=not progress) as bar:
+    """Decode, transform and embed ``sources`` batch by batch: ``(batch, embedding(batch.pixels))``;
+    with ``augment`` (fitting), every copy of each photo (batches then out of order)."""
+    batches = iterate_batches(sources, transform, batch_size, on_error=on_error, keep_images=keep_images, augment=augment)
+    copies = 1 if augment is None else augment.copies
+    with tqdm(total=len(sources) * copies, desc=description, unit="img", disable=not progress) as bar:
         for batch in batches:
             yield batch, embedding(batch.pixels)
             bar.update(len(batch.names))
@@ -69,6 +73,33 @@ def photo_grid(features: np.ndarray, placement: Placement) -> np.ndarray:
     the cells wholly in the stride padding are cut off (:attr:`Placement.grid_size`)."""
     rows, columns = placement.grid_size
     return features[:rows, :columns]
+
+
+def training_store(width: int, augment: Augmenter | None, directory) -> PatchStore | ValidRows:
+    """Where training patches wait while a bank is chosen: a :class:`PatchStore`, or, when the
+    augmentation turns photos by other angles than quarter turns, :class:`ValidRows` over one, so
+    that the cells outside the turned photo never enter the bank."""
+    if augment is not None and augment.masks_cells:
+        return ValidRows(width, directory=directory)
+    return PatchStore(width, directory=directory)
+
+
+def store_image(store: PatchStore | ValidRows, name: str, features: np.ndarray, placement: Placement,
+                sizes: list, views: list) -> None:
+    """Append one input's cells that show its photo to ``store``, and its size and view to the lists."""
+    grid = photo_grid(features, placement)
+    if isinstance(store, ValidRows):
+        store.append_image(name, grid, valid_cells(placement))
+    else:
+        store.append_image(name, grid)
+    sizes.append(list(placement.image_size))
+    views.append(view_record(placement))
+
+
+def training_records(names: list[str], sizes: list, views: list) -> list[dict]:
+    """``training_images_`` entries: name and size of each stored image, and the copy (``view``) it
+    is when not the photo itself."""
+    return [{"name": name, "size": size, **({"view": view} if view else {})} for name, size, view in zip(names, sizes, views)]
 
 
 class Detector:
@@ -199,23 +230,28 @@ class Detector:
             pending = [j for j in pending if start < len(orders[j]) and found[j][0][orders[j][start]] > best[j]]
 
     def _image_scores(self, features: list[np.ndarray], found: list[tuple[np.ndarray, np.ndarray]]) -> list[float]:
-        """:meth:`image_score` of each image, eq. 7's neighbours of every ``m*`` in one exact search."""
+        """:meth:`image_score` of each image, eq. 7's neighbours of every ``m*`` (of every top
+        patch of every image) in one exact search."""
         settings = self.settings()
-        if not settings.reweight:
-            return [float(distances.max()) for distances, _ in found]
-        exact_index = self._exact_index()
+        exact_index = self._exact_index() if settings.reweight else None
         neighbours: list[np.ndarray | None] = [None] * len(found)
-        if settings.num_neighbours > 1 and exact_index.size >= 2:
-            matched = [int(indices[int(np.argmax(distances))]) for distances, indices in found]
-            neighbours = list(exact_index.search(exact_index.memory_bank[matched], settings.num_neighbours)[1])
-        return [float(reweighted_image_score(distances, indices, patches, exact_index, settings.num_neighbours, near))
+        if settings.reweight and settings.num_neighbours > 1 and exact_index.size >= 2:
+            tops = [top_patches(distances, settings.aggregation) for distances, _ in found]
+            matched = np.concatenate([indices[top] for (_, indices), top in zip(found, tops)]).astype(np.int64)
+            rows = exact_index.search(exact_index.memory_bank[matched], settings.num_neighbours)[1]
+            ends = np.cumsum([len(top) for top in tops])
+            neighbours = list(np.split(rows, ends[:-1]))
+        return [aggregated_image_score(distances, indices, patches, exact_index, settings.aggregation, settings.reweight,
+                                       settings.num_neighbours, near)
                 for (distances, indices), patches, near in zip(found, features, neighbours)]
 
     def image_score(self, patch_scores: np.ndarray, nearest: np.ndarray, patch_features: np.ndarray) -> float:
-        """Image score from one image's patch scores (eq. 7, or the maximum when ``reweight`` is off).
+        """Image score from one image's patch scores: by ``aggregation``, the largest patch score
+        (``max``, the paper's) or the mean of the largest few, each re-weighted by eq. 7 unless
+        ``reweight`` is off.
 
-        Eq. 7's neighbours of the matched bank vector m* come from exact search (one query, cheap),
-        so with an approximate index the image score equals exact search's.
+        Eq. 7's neighbours of the matched bank vectors m* come from exact search (a few queries,
+        cheap), so with an approximate index the image score equals exact search's.
         """
         return self._image_scores([patch_features], [(patch_scores, nearest)])[0]
 
@@ -289,10 +325,8 @@ class Detector:
         for row, column, flat in chosen:
             image, training_row, training_column = (int(v) for v in origins[int(nearest[flat])])
             training = self.training_images_[image]
-            training_box = None
-            if training.get("size"):
-                height, width = training["size"]
-                training_box = self.transform_.placement(width, height).patch_box(training_row, training_column, cell)
+            # A copy's (augment) patch is mapped back onto the training photo as it is on disk.
+            training_box = training_patch_box(self.transform_, training, training_row, training_column, cell)
             found.append(Evidence(row, column, placement.patch_box(row, column, cell), float(patch_scores[row, column]),
                                   training["name"], training_row, training_column, training_box))
         return found
@@ -372,13 +406,16 @@ class Detector:
         sources = expand_sources(images)
         digests = {source_name(source, position): image_sha256(source) for position, source in enumerate(sources)}
         first_image = len(self.training_images_)
-        with PatchStore(self.memory_bank_.shape[1], directory=settings.scratch_dir) as store:
-            sizes = []
+        # The model's augmentation applies to what it is taught too: the copies of each new photo.
+        augment = augmenter(settings.augment, self.transform_)
+        with training_store(self.memory_bank_.shape[1], augment, settings.scratch_dir) as store:
+            sizes: list = []
+            views: list = []
             for batch, features in embed_batches(sources, self.transform_, self.embedding_, settings.batch_size,
-                                                 description="teach-in", progress=settings.progress, on_error=on_error):
+                                                 description="teach-in", progress=settings.progress, on_error=on_error,
+                                                 augment=augment):
                 for i, name in enumerate(batch.names):
-                    store.append_image(name, photo_grid(features[i], batch.placements[i]))
-                    sizes.append(list(batch.placements[i].image_size))
+                    store_image(store, name, features[i], batch.placements[i], sizes, views)
             if not len(store):
                 raise ValueError("no usable images to add: every image was skipped")
             candidates = store.read(0, len(store))
@@ -386,14 +423,15 @@ class Detector:
             picks = continue_greedy(self.memory_bank_, candidates, wanted if room is None else min(wanted, room),
                                     settings.projection_dim, settings.seed)
             origins = store.origins(picks)
-            names = store.image_names
+            records = training_records(store.image_names, sizes, views)
         origins[:, 0] += first_image
         bank = np.concatenate([self.memory_bank_, candidates[picks]])
         old_origins = self.memory_bank_origin_
         self._set_memory_bank(bank)  # a new index: requests using the old one are not disturbed
         if old_origins is not None:
             self.memory_bank_origin_ = np.concatenate([old_origins, origins]).astype(np.int32)
-            self.training_images_ = list(self.training_images_) + [{"name": n, "size": z} for n, z in zip(names, sizes)]
+            self.training_images_ = list(self.training_images_) + records
+        names = [record["name"] for record in records if "view" not in record]  # the photos, not their copies
         self.n_training_patches_ += len(candidates)
         if self.n_training_images_ is not None:
             self.n_training_images_ += len(names)

@@ -16,7 +16,8 @@ from . import network_cache, persistence
 from .approximate_search import KINDS as APPROXIMATE_KINDS
 from .backbone_specs import BackboneSpec, resolve_spec
 from .coreset import SAMPLERS, coreset_size, select_coreset
-from .detector import Detector, embed_batches, photo_grid
+from .augmentation import ValidRows, augmenter, parse_augment
+from .detector import Detector, embed_batches, store_image, training_records, training_store
 from .devices import wants_cuda
 from .geometry import InputTransform, parse_resize
 from .images import ImageSource, expand_sources
@@ -24,6 +25,7 @@ from .network_cache import NetworkParts, PatchGraph
 from .onnx_network import OnnxNetwork, onnxruntime_available
 from .patch_store import ArrayRows, PatchStore
 from .prediction import ErrorHandler
+from .scoring import parse_aggregation
 from .search import BACKENDS
 from .settings import DEFAULTS, DEVICES, PRESETS, RUNTIMES, ModelSettings, read_settings  # noqa: F401  (PRESETS: API)
 from .tiling import TiledEmbedding
@@ -103,10 +105,17 @@ class PatchCore(EstimatorParams, Detector):
     sampler: ``"greedy"`` k-center coreset (the paper's) or ``"random"`` (the paper's baseline).
     projection_dim: dimensions of the random projection used by the coreset selection (paper: 128).
     num_neighbours: ``b`` of the paper's eq. 7 re-weighting (paper: 9); ``reweight=False`` uses the plain maximum.
+    aggregation: how an image's patch scores make its score: ``"max"`` (the paper's: the largest, re-weighted
+        by eq. 7), ``"top<k>"`` (the mean of the ``k`` largest, each re-weighted) or ``"top<p>%"`` (of the
+        largest ``p`` percent of the image's patches).
     resize: the photo's shorter side is resized to this many pixels (aspect ratio kept), or the photo
         to an exact ``(width, height)``, or ``None`` keeps its own size.
     crop: side of a centred square crop after the resize, or ``None`` (default) to inspect the whole
         photo. The paper's protocol is ``resize=256, crop=224`` (:data:`PRESETS` ``"paper"``).
+    augment: fill the bank from turned and mirrored copies of every training photo too, for parts that
+        lie at any orientation: ``"none"`` (default), ``"flip"`` (mirrored both ways, 4 copies), ``"rot90"``
+        (quarter turns, 4), ``"dihedral"`` (both, 8) or ``"rotate<N>"`` (N turns 360/N degrees apart; cells
+        outside the turned photo never enter the bank). Teach-in applies it too (:mod:`.augmentation`).
     tile_size, tile_overlap: cut network inputs larger than ``tile_size`` pixels into overlapping
         square tiles (sharing at least ``tile_overlap`` of a side) and stitch their patch features;
         with ``resize=None`` this inspects large photos at their native resolution in bounded memory.
@@ -142,8 +151,10 @@ class PatchCore(EstimatorParams, Detector):
         projection_dim: int = DEFAULTS["projection_dim"],
         num_neighbours: int = DEFAULTS["num_neighbours"],
         reweight: bool = DEFAULTS["reweight"],
+        aggregation: str = DEFAULTS["aggregation"],
         resize: int | tuple[int, int] | None = DEFAULTS["resize"],
         crop: int | None = DEFAULTS["crop"],
+        augment: str = DEFAULTS["augment"],
         tile_size: int | None = DEFAULTS["tile_size"],
         tile_overlap: float = DEFAULTS["tile_overlap"],
         smoothing_sigma: float = DEFAULTS["smoothing_sigma"],
@@ -168,8 +179,10 @@ class PatchCore(EstimatorParams, Detector):
         self.projection_dim = projection_dim
         self.num_neighbours = num_neighbours
         self.reweight = reweight
+        self.aggregation = aggregation
         self.resize = resize
         self.crop = crop
+        self.augment = augment
         self.tile_size = tile_size
         self.tile_overlap = tile_overlap
         self.smoothing_sigma = smoothing_sigma
@@ -212,6 +225,8 @@ class PatchCore(EstimatorParams, Detector):
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be at least 1, got {self.threads}")
         parse_resize(self.resize)  # raises on a bad size
+        parse_augment(self.augment)  # raises on an unknown augmentation
+        parse_aggregation(self.aggregation)  # raises on an unknown aggregation
 
     def _reset(self) -> None:
         """Forget everything learned: every attribute ending in ``_``."""
@@ -293,9 +308,12 @@ class PatchCore(EstimatorParams, Detector):
         with self.extract_patches(images, on_error) as patches:
             return self.fit_patches(patches)
 
-    def extract_patches(self, images: ImageSource | Iterable[ImageSource], on_error: ErrorHandler | None = None) -> PatchStore:
+    def extract_patches(self, images: ImageSource | Iterable[ImageSource],
+                        on_error: ErrorHandler | None = None) -> PatchStore | ValidRows:
         """The patch features of training images, with where each came from, in a :class:`PatchStore`
-        (close it when done: ``with model.extract_patches(images) as patches: ...``).
+        (close it when done: ``with model.extract_patches(images) as patches: ...``). With
+        ``augment``, every copy of each photo too (a :class:`ValidRows` when turns by other angles
+        than quarter turns leave cells outside the photo).
 
         Loads the backbone first if needed. :meth:`fit` is ``fit_patches(extract_patches(images))``;
         the two steps are public so that experiments can study the patches themselves.
@@ -309,14 +327,16 @@ class PatchCore(EstimatorParams, Detector):
             timings["backbone_load"] = time.perf_counter() - started
         sources = expand_sources(images)
         started = time.perf_counter()
-        store = PatchStore(self.network_.width, directory=self.scratch_dir)
-        sizes = []
+        # With augment, each photo's copies are made as it is decoded and stored as images of their own.
+        augment = augmenter(self.augment, self.transform_)
+        store = training_store(self.network_.width, augment, self.scratch_dir)
+        sizes: list = []
+        views: list = []
         try:
             for batch, features in embed_batches(sources, self.transform_, self.embedding_, self.batch_size,
-                                                 progress=self.progress, on_error=on_error):
+                                                 progress=self.progress, on_error=on_error, augment=augment):
                 for name, grid, placement in zip(batch.names, features, batch.placements):
-                    store.append_image(name, photo_grid(grid, placement))
-                    sizes.append(list(placement.image_size))
+                    store_image(store, name, grid, placement, sizes, views)
         except BaseException:
             store.close()
             raise
@@ -325,10 +345,11 @@ class PatchCore(EstimatorParams, Detector):
             raise ValueError("no usable training images: every image was skipped")
         timings["features"] = time.perf_counter() - started
         store.image_sizes = sizes
+        store.image_views = views
         self.extract_timings_ = timings
         return store
 
-    def fit_patches(self, patches: PatchStore | np.ndarray) -> "PatchCore":
+    def fit_patches(self, patches: PatchStore | ValidRows | np.ndarray) -> "PatchCore":
         """Choose the memory bank from training patches made by :meth:`extract_patches` (or a
         plain feature matrix, whose rows then have no training image to point back to)."""
         self._validate_settings()
@@ -346,10 +367,13 @@ class PatchCore(EstimatorParams, Detector):
         self._set_memory_bank(source.take(self.coreset_indices_))
         self._start_bank_state()
         timings["index"] = time.perf_counter() - started
-        self.n_training_images_ = len(source.image_names) if isinstance(source, PatchStore) else None
-        if isinstance(source, PatchStore):  # where each bank vector came from: evidence for verdicts
-            self.training_images_ = [{"name": name, "size": size} for name, size in zip(source.image_names, source.image_sizes)]
+        from_images = isinstance(source, (PatchStore, ValidRows))
+        self.n_training_images_ = None
+        if from_images:  # where each bank vector came from (a photo, or a copy of one): evidence for verdicts
+            views = getattr(source, "image_views", None) or [None] * len(source.image_names)
+            self.training_images_ = training_records(source.image_names, source.image_sizes, views)
             self.memory_bank_origin_ = source.origins(self.coreset_indices_)
+            self.n_training_images_ = sum(1 for record in self.training_images_ if "view" not in record)
         # Patch scores of good training patches: the scale of "normal", for comparing models.
         rng = np.random.default_rng(self.seed)
         reference = source.take(np.sort(rng.choice(len(source), min(len(source), REFERENCE_PATCHES), replace=False)))

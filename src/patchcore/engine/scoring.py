@@ -1,14 +1,64 @@
-"""From patch distances to an image score (paper, eq. 7) and a full-size anomaly map."""
+"""From patch distances to an image score (paper, eq. 7; or the mean of the top patches) and a
+full-size anomaly map."""
 
 from __future__ import annotations
 
 import functools
+import math
+import re
 
 import numpy as np
 from scipy.ndimage import gaussian_filter1d
 
 from .geometry import Placement
 from .search import MemoryBankIndex
+
+
+#: The image-score aggregations (setting ``aggregation``) besides ``top<k>`` and ``top<p>%``.
+AGGREGATIONS = ("max",)
+_TOP = re.compile(r"top(\d+)")
+_SHARE = re.compile(r"top(\d+(?:\.\d+)?)%")
+
+
+def parse_aggregation(aggregation: str) -> tuple[str, float]:
+    """``("count", k)`` or ``("share", percent)`` of an ``aggregation`` setting: ``max`` (the
+    paper's: the largest patch score, ``("count", 1)``), ``top<k>`` (the mean of the ``k`` largest
+    patch scores) or ``top<p>%`` (the mean of the largest ``p`` percent of an image's patch scores,
+    at least one)."""
+    name = str(aggregation).strip().lower()
+    if name == "max":
+        return "count", 1
+    if (match := _TOP.fullmatch(name)) and int(match.group(1)) >= 1:
+        return "count", int(match.group(1))
+    if (match := _SHARE.fullmatch(name)) and 0 < float(match.group(1)) <= 100:
+        return "share", float(match.group(1))
+    raise ValueError(f"aggregation must be max, top<k> (k >= 1: the mean of the k largest patch scores) or top<p>% "
+                     f"(the mean of the largest p percent, 0 < p <= 100), got {aggregation!r}")
+
+
+def top_patches(patch_scores: np.ndarray, aggregation: str) -> np.ndarray:
+    """The patches an image score of ``aggregation`` is made of, highest first (ties: the first
+    patch first, so ``max``'s patch is ``np.argmax``'s)."""
+    kind, value = parse_aggregation(aggregation)
+    count = int(value) if kind == "count" else int(math.ceil(patch_scores.size * value / 100.0))
+    count = max(1, min(count, patch_scores.size))
+    if count == 1:
+        return np.array([int(np.argmax(patch_scores))])
+    return np.argsort(-patch_scores, kind="stable")[:count]
+
+
+def eq7_weight(score: float, matched: int, feature: np.ndarray, memory_bank: np.ndarray, neighbours: np.ndarray):
+    """Eq. 7's weight of a patch score: ``1 - softmax`` of the patch's distance to its nearest bank
+    vector ``m*`` (``matched``) among its distances to ``m*``'s nearest bank vectors ``neighbours``
+    (``m*`` among them). Near 0 when the patch is about as close to ``m*``'s neighbours as to ``m*``
+    (a dense part of the bank), up to 1 when ``m*`` is isolated."""
+    neighbours = np.asarray(neighbours)
+    if matched not in neighbours:  # ties between duplicate bank vectors
+        neighbours = np.concatenate([[matched], neighbours[:-1]])
+    distances = np.linalg.norm(memory_bank[neighbours] - feature, axis=1)
+    distances[neighbours == matched] = score  # identical up to rounding; keep it exact
+    softmax = np.exp(distances - distances.max())
+    return 1.0 - softmax[np.flatnonzero(neighbours == matched)[0]] / softmax.sum()
 
 
 def reweighted_image_score(
@@ -34,14 +84,38 @@ def reweighted_image_score(
     matched = int(nearest[worst])
     if neighbours is None:
         neighbours = index.search(index.memory_bank[matched : matched + 1], num_neighbours)[1][0]
-    neighbours = np.asarray(neighbours)
-    if matched not in neighbours:  # ties between duplicate bank vectors
-        neighbours = np.concatenate([[matched], neighbours[:-1]])
-    distances = np.linalg.norm(index.memory_bank[neighbours] - patch_features[worst], axis=1)
-    distances[neighbours == matched] = best_score  # identical up to rounding; keep it exact
-    softmax = np.exp(distances - distances.max())
-    weight = 1.0 - softmax[np.flatnonzero(neighbours == matched)[0]] / softmax.sum()
-    return weight * best_score
+    return eq7_weight(best_score, matched, patch_features[worst], index.memory_bank, neighbours) * best_score
+
+
+def aggregated_image_score(
+    patch_scores: np.ndarray,
+    nearest: np.ndarray,
+    patch_features: np.ndarray,
+    index: MemoryBankIndex,
+    aggregation: str = "max",
+    reweight: bool = True,
+    num_neighbours: int = 9,
+    neighbours: np.ndarray | None = None,
+) -> float:
+    """An image's score from its patch scores (setting ``aggregation``): the mean of its
+    :func:`top_patches`, each first re-weighted by eq. 7 with its own nearest bank vector when
+    ``reweight`` (``max`` with ``reweight`` is :func:`reweighted_image_score`, to the bit).
+
+    ``neighbours``: each top patch's ``m*``'s ``num_neighbours`` nearest bank vectors, one row per
+    top patch, when already found; else searched in ``index``.
+    """
+    top = top_patches(patch_scores, aggregation)
+    if not reweight:
+        return float(patch_scores[top[0]]) if len(top) == 1 else float(np.mean(patch_scores[top], dtype=np.float64))
+    if num_neighbours <= 1 or index.size < 2:
+        return float(patch_scores[top[0]]) if len(top) == 1 else float(np.mean(patch_scores[top], dtype=np.float64))
+    if neighbours is None:
+        neighbours = index.search(index.memory_bank[np.asarray(nearest)[top]], num_neighbours)[1]
+    if len(top) == 1:
+        return float(reweighted_image_score(patch_scores, nearest, patch_features, index, num_neighbours, neighbours[0]))
+    weighted = [float(eq7_weight(float(patch_scores[p]), int(nearest[p]), patch_features[p], index.memory_bank, row))
+                * float(patch_scores[p]) for p, row in zip(top, neighbours)]
+    return float(np.mean(weighted))
 
 
 def _taps(source: int, target: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

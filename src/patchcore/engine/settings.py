@@ -34,8 +34,10 @@ class ModelSettings:
     projection_dim: int = 128
     num_neighbours: int = 9
     reweight: bool = True
+    aggregation: str = "max"
     resize: int | tuple[int, int] | None = 384
     crop: int | None = None
+    augment: str = "none"
     tile_size: int | None = None
     tile_overlap: float = 0.25
     smoothing_sigma: float = 4.0
@@ -108,18 +110,34 @@ PRESETS: dict[str, dict[str, Any]] = {
 RUNNING_SETTINGS = ("device", "runtime", "threads", "scratch_dir", "progress", "batch_size")
 
 
+#: Settings added in format version 4 (issue 18), with the value that reproduces what a model
+#: written before them did: it was fitted on its photos only (no turned or mirrored copies) and
+#: scored each image by its largest patch score (eq. 7 re-weighted when ``reweight``).
+ADDED_IN_FORMAT_4: dict[str, Any] = {"augment": "none", "aggregation": "max"}
+
+
 def read_settings(data: dict[str, Any], where: str, format_version: int) -> tuple[ModelSettings, tuple[str, ...]]:
     """The settings of a model file of any readable format version, and the names of the settings
     that affect results but that the file did not record.
 
-    From format version 3 every setting is recorded and nothing is guessed. Older exports kept only
-    what scoring needs (not the coreset's ratio, projection or seed, which teach-in needs): those
-    are returned as unrecorded, so that teach-in can refuse to guess them. The search back end that
-    older files call ``torch`` (numpy's BLAS, always) is ``numpy``.
+    From format version 4 every setting is recorded and nothing is guessed. Format 3 recorded every
+    setting of its time, strictly too (all present, none unknown), and takes the settings added
+    since (:data:`ADDED_IN_FORMAT_4`) at the values that reproduce what the model did, not at
+    today's defaults. Older exports kept only what scoring needs (not the coreset's ratio,
+    projection or seed, which teach-in needs): those are returned as unrecorded, so that teach-in
+    can refuse to guess them. The search back end that older files call ``torch`` (numpy's BLAS,
+    always) is ``numpy``.
     """
-    if format_version >= 3:
+    if format_version >= 4:
         return ModelSettings.from_json(data, where), ()
-    values = {key: value for key, value in data.items() if key in DEFAULTS}
+    if format_version == 3:
+        added = sorted(set(ADDED_IN_FORMAT_4) & set(data))
+        if added:
+            raise ValueError(f"{where}: settings do not match this patchcore (unknown {', '.join(added)} in a "
+                             "format 3 file)")
+        return ModelSettings.from_json({**data, **ADDED_IN_FORMAT_4}, where), ()
+    values = {key: value for key, value in data.items() if key in DEFAULTS and key not in ADDED_IN_FORMAT_4}
+    values.update(ADDED_IN_FORMAT_4)
     if values.get("search_backend") == "torch":
         values["search_backend"] = "numpy"
     unrecorded = [name for name in DEFAULTS if name not in values]
