@@ -1,5 +1,5 @@
 """The ``patchcore`` command: fit, tune, predict, add, history, rollback, export, demo, evaluate, experiment, serve,
-watch, teach-token, backbones."""
+watch, review, teach-token, backbones."""
 
 from __future__ import annotations
 
