@@ -259,3 +259,25 @@ def test_jpegs_are_decoded_at_the_scale_the_network_needs(tmp_path):
     _rotated_jpeg(tmp_path / "turned.jpg", 6)
     turned = read_image(tmp_path / "turned.jpg", needed_size=lambda w, h: (w // 2, h // 2))
     assert turned.info["original_size"] == (20, 40) and turned.size == (10, 20)
+
+
+def test_a_photo_turned_after_reading_is_scored_at_its_own_size(tmp_path, fitted_model):
+    """``read_image`` records a reduced JPEG's own size in ``info``; PIL keeps ``info`` through
+    ``transpose``, so a photo turned by the caller afterwards must not be placed at the size of
+    the photo before the turn (its map came out 500x750 for a 750x500 photo turned upright)."""
+    from patchcore.engine.geometry import photo_size
+
+    rng = np.random.default_rng(4)
+    Image.fromarray((rng.random((50, 75, 3)) * 255).astype(np.uint8)).save(tmp_path / "wide.png")
+    photo = read_image(tmp_path / "wide.png")
+    upright = photo.transpose(Image.ROTATE_90)
+    assert upright.info["original_size"] == (75, 50)  # PIL's own behaviour, the reason for photo_size
+    assert photo_size(photo) == (75, 50) and photo_size(upright) == (50, 75)
+    prediction = fitted_model.predict([upright], maps=True)[0]
+    assert prediction.anomaly_map.shape == (75, 50)
+    # A reduced decode is still placed at the photo's own size.
+    reduced = photo.resize((38, 25))
+    reduced.info["original_size"] = (75, 50)
+    assert photo_size(reduced) == (75, 50)
+    cropped = photo.crop((0, 0, 40, 30))
+    assert photo_size(cropped) == (40, 30)

@@ -7,6 +7,7 @@ from pathlib import Path
 from PIL import Image
 
 from ..errors import ImageLoadError
+from .geometry import photo_size
 from .images import read_image
 from .overlay import evidence_pair, scale_box
 from .prediction import Evidence
@@ -24,6 +25,6 @@ def training_photo(name: str) -> Image.Image | None:
 
 def evidence_picture(photo: Image.Image, item: Evidence, side: int = 128) -> Image.Image:
     """The crop pair of ``item``; ``photo`` is the test photo (possibly decoded at a reduced scale)."""
-    original = photo.info.get("original_size", photo.size)
+    original = photo_size(photo)
     box = scale_box(item.box, original, photo.size) if original != photo.size else item.box
     return evidence_pair(photo, box, training_photo(item.training_image), item.training_box, side)

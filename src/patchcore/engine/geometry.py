@@ -173,7 +173,7 @@ class InputTransform:
         A photo decoded at a reduced scale carries its own size in ``image.info["original_size"]``;
         the placement refers to that size.
         """
-        width, height = image.info.get("original_size", image.size)
+        width, height = photo_size(image)
         new_size = resized_size(width, height, self.resize)
         resized = image.resize(new_size, Image.BILINEAR) if new_size != image.size else image
         scale_x, scale_y = resized.width / width, resized.height / height
@@ -221,3 +221,24 @@ def tile_owner(grid_length: int, starts: list[int], tile_cells: int, cell: int) 
     centres = np.array([s / cell + tile_cells / 2.0 for s in starts])
     positions = np.arange(grid_length) + 0.5
     return np.argmin(np.abs(positions[:, None] - centres[None, :]), axis=1)
+
+
+#: The scales at which a JPEG may be decoded (1/1, 1/2, 1/4, 1/8 of each side, rounded up).
+DCT_SCALES = (1, 2, 4, 8)
+
+
+def photo_size(image: Image.Image) -> tuple[int, int]:
+    """The (width, height) of the photo ``image`` shows.
+
+    That is its own size, or for a JPEG decoded at a reduced DCT scale the size
+    :func:`~patchcore.engine.images.read_image` recorded in ``image.info["original_size"]``. A
+    recorded size that ``image`` cannot be a reduction of is ignored: an image turned, cropped or
+    resized after it was read keeps its ``info``, and is a photo of its own size.
+    """
+    original = image.info.get("original_size")
+    if original is None:
+        return image.size
+    width, height = (int(side) for side in original)
+    if any((-(-width // scale), -(-height // scale)) == image.size for scale in DCT_SCALES):
+        return width, height
+    return image.size

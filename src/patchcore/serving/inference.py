@@ -30,6 +30,7 @@ from typing import Any, Callable, TypeVar
 
 from ..engine.cpus import available_cpus
 from ..engine.evidence import evidence_picture
+from ..engine.geometry import photo_size
 from ..engine.images import TooManyPixels, read_image
 from ..errors import ImageLoadError
 from .guard import ServiceError
@@ -106,7 +107,7 @@ class InferenceRunner:
         transform = served.model.transform_
         photo = read_image(data, name=name, max_pixels=self.max_image_pixels, formats=UPLOAD_FORMATS,
                            needed_size=transform.needed_size)
-        photo_width, photo_height = photo.info.get("original_size", photo.size)
+        photo_width, photo_height = photo_size(photo)
         height, width = transform.input_size(photo_width, photo_height)
         if height * width > self.max_input_pixels or transform.resized_pixels(photo_width, photo_height) > self.max_image_pixels:
             raise ImageLoadError(name, f"image of {photo_width}x{photo_height} pixels would become too large for the "
@@ -217,7 +218,7 @@ class InferenceRunner:
     def _score_now(self, served: ServedModel, photo, name: str, want_map: bool, want_overlay: bool,
                    want_mask: bool, evidence: int, timings: dict[str, float]) -> dict[str, Any]:
         """Score a decoded upload and render what was asked for, in a slot."""
-        photo_width, photo_height = photo.info.get("original_size", photo.size)
+        photo_width, photo_height = photo_size(photo)
         need_map = want_map or want_overlay or (want_mask and served.pixel_threshold is not None)
         if evidence and served.model.memory_bank_origin_ is None:
             raise ServiceError(422, f"model {served.name!r} does not record where its memory bank came from "
