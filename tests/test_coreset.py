@@ -1,7 +1,16 @@
 import numpy as np
 import pytest
 
-from patchcore.engine.coreset import coreset_size, coverage_radius, farthest_point_order, greedy_coreset
+from conftest import MVTEC_BOTTLE
+from patchcore.engine.coreset import (
+    coreset_size,
+    coverage_radius,
+    farthest_point_order,
+    greedy_coreset,
+    projected,
+    projection_matrix,
+    select_coreset,
+)
 
 
 def _clustered(n=6000, dim=64, seed=0, latent=8):
@@ -10,6 +19,20 @@ def _clustered(n=6000, dim=64, seed=0, latent=8):
     centres = rng.normal(0, 3, (30, latent))
     codes = centres[rng.integers(0, 30, n)] + rng.normal(0, 1, (n, latent))
     return (codes @ rng.normal(size=(latent, dim)) + rng.normal(0, 0.05, (n, dim))).astype(np.float32)
+
+
+def _plain_greedy(points, n_select, first=0, initial_nearest=None):
+    """The plain loop the coreset is documented to be: each pick the point with the largest float32
+    squared distance (sum of squared differences) to its nearest earlier pick, the first on ties."""
+    nearest = np.full(len(points), np.inf, np.float32) if initial_nearest is None else initial_nearest.astype(np.float32)
+    pick = first if initial_nearest is None else int(np.argmax(nearest))
+    picks = []
+    for _ in range(n_select):
+        picks.append(pick)
+        differences = points - points[pick]
+        np.minimum(nearest, np.einsum("ij,ij->i", differences, differences), out=nearest)
+        pick = int(np.argmax(nearest))
+    return np.array(picks)
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -23,6 +46,61 @@ def test_pruned_selection_is_the_greedy_farthest_point_order(seed):
     for previous, pick in zip(chosen[:-1], chosen[1:]):
         nearest = np.minimum(nearest, ((exact - exact[previous]) ** 2).sum(1))
         assert nearest[pick] >= nearest.max() * (1 - 1e-5)
+
+
+@pytest.mark.parametrize("seed, n, dim, n_select", [(0, 6000, 64, 600), (1, 3000, 128, 1500), (2, 20000, 16, 300),
+                                                    (3, 500, 8, 499)])
+def test_picks_are_exactly_the_plain_loops(seed, n, dim, n_select):
+    """Batched picks and pruned updates change nothing: the same indices in the same order, from
+    the first pick (batches of one) to half the points (batches at their largest)."""
+    points = projected(_clustered(n=n, dim=dim, seed=seed), None)
+    assert np.array_equal(farthest_point_order(points, n_select, first=seed), _plain_greedy(points, n_select, seed))
+
+
+def test_ties_go_to_the_first_index_as_in_the_plain_loop():
+    """Exact duplicates (identical patches are common: flat background) tie exactly; the plain loop
+    takes the first, and so does every batch, also once every distinct point is picked."""
+    rng = np.random.default_rng(4)
+    base = rng.standard_normal((300, 24)).astype(np.float32)
+    points = base[rng.integers(0, 300, 2400)]  # each vector about 8 times, shuffled
+    distinct = len(np.unique(points, axis=0))
+    picks = farthest_point_order(points, distinct + 20, first=5)
+    assert np.array_equal(picks, _plain_greedy(points, distinct + 20, 5))
+    assert len(set(picks[:distinct].tolist())) == distinct
+
+
+def test_continuing_from_earlier_centres_is_the_plain_loop_too():
+    points = projected(_clustered(n=4000, dim=32, seed=5), None)
+    bank = _clustered(n=200, dim=32, seed=6) - points.mean(axis=0)
+    initial = np.min(((points[:, None, :] - bank[None, :, :]) ** 2).sum(-1), axis=1).astype(np.float32)
+    assert np.array_equal(farthest_point_order(points, 300, initial_nearest=initial),
+                          _plain_greedy(points, 300, initial_nearest=initial))
+
+
+def test_chunked_selection_is_the_plain_loop_per_chunk_then_over_the_union():
+    features = _clustered(n=12000, dim=96, seed=7)
+    kept = select_coreset(features, 240, seed=3, exact_limit=5000, chunk_size=4000)
+    matrix = projection_matrix(96, 128, 3)  # narrower than 128: no projection
+    union = []
+    for start in range(0, 12000, 4000):
+        union.append(start + np.sort(_plain_greedy(projected(features[start : start + 4000], matrix), 160)))
+    union = np.concatenate(union)
+    assert np.array_equal(kept, union[_plain_greedy(projected(features[union], matrix), 240)])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not MVTEC_BOTTLE.is_dir(), reason=f"MVTec AD bottle data not found at {MVTEC_BOTTLE}")
+def test_picks_on_real_bottle_patches_are_the_plain_loops():
+    """Real patch features (4 bottle photos at the defaults: 9,216 patches of 168 values, projected
+    to 128 as in a fit), where near-ties between patches of the same background are frequent."""
+    from patchcore import PatchCore
+
+    photos = sorted((MVTEC_BOTTLE / "train" / "good").glob("*.png"))[:4]
+    with PatchCore().extract_patches(photos) as store:
+        features = store.read(0, len(store))
+    points = projected(features, projection_matrix(features.shape[1], 128, 0))
+    n_select = coreset_size(len(points), 0.1)
+    assert np.array_equal(farthest_point_order(points, n_select, first=11), _plain_greedy(points, n_select, 11))
 
 
 def test_coverage_radius_beats_random_subsets():
