@@ -34,7 +34,8 @@ from scipy.stats import spearmanr
 from patchcore.engine.model import PatchCore
 from patchcore.evaluation.datasets import load_mvtec_category
 from patchcore.evaluation.evaluate import evaluate_dataset
-from patchcore.evaluation.tuning import DEFAULT_DEFECTS_PER_PHOTO, describe, measure, prepare_holdout, ranking_score
+from patchcore.evaluation.tuning import (DEFAULT_DEFECTS_PER_PHOTO, describe, measure, prepare_holdout, ranking_score,
+                                         unknown_settings)
 
 #: The candidates compared: input size, backbone and bank share around the defaults.
 GRID = (
@@ -46,6 +47,9 @@ GRID = (
     {"backbone": "efficientnet_lite2", "resize": 384},
     {"backbone": "efficientnet_lite2", "resize": 384, "coreset_ratio": 0.025},
     {"backbone": "efficientnet_lite2", "resize": 448},
+    # Settings that tune's own list also tries (left out where this patchcore lacks them):
+    {"backbone": "efficientnet_lite2", "resize": 384, "aggregation": "top1%"},
+    {"backbone": "efficientnet_lite2", "resize": 384, "augment": "flip"},
 )
 
 
@@ -74,6 +78,8 @@ def run_dataset(folder: Path, out: Path, cells: dict[str, dict], eval_size: int,
     held = None
     rows = []
     for settings in GRID:
+        if unknown_settings(settings):
+            continue
         row = {"settings": settings}
         for kind in ("synthetic", "real"):
             key = cell_key(name, kind if kind == "real" or per_photo == 1 else f"{kind} x{per_photo}", settings)

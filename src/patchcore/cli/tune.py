@@ -47,8 +47,8 @@ def add_parser(commands) -> None:
         "tune", help="choose settings from good photos alone (synthetic defects), then fit and save",
         description="Hold out some good photos, paste synthetic defects (cut-and-paste patches, scratches, spots, texture "
                     "and colour changes) on the part in them, try candidate settings (input size, tiles, backbone, bank "
-                    "share) cheapest first within your time limits, and fit the best on every good photo. Model options "
-                    "given are held fixed: the candidates vary the rest.")
+                    "share, image-score aggregation, orientation copies) cheapest first within your time limits, and "
+                    "fit the best on every good photo. Model options given are held fixed: the candidates vary the rest.")
     parser.add_argument("train", nargs="+", metavar="TRAIN", help="folder(s) or image files of good products")
     parser.add_argument("-o", "--output", required=True, metavar="MODEL_DIR", help="folder to save the model in")
     parser.add_argument("--json", action="store_true", help="print the tuning record as JSON instead of the table")

@@ -31,6 +31,7 @@ import numpy as np
 from PIL import Image
 
 from ..engine import persistence
+from ..engine.augmentation import parse_augment
 from ..engine.images import expand_sources, read_image
 from ..engine.settings import DEFAULTS, ModelSettings
 from .panels import resize_map, resize_mask
@@ -56,8 +57,6 @@ DEFAULT_CANDIDATES: tuple[dict[str, Any], ...] = (
 )
 #: Relative cost of the backbones per input pixel (lite0 = 1), for trying the cheapest first.
 BACKBONE_COST = {"efficientnet_lite0": 1.0, "efficientnet_lite1": 1.4, "efficientnet_lite2": 1.6}
-#: Copies of each training photo that an ``augment`` setting fits on (the fit's cost grows with them).
-AUGMENT_COPIES = {"none": 1, "flip": 4, "rot90": 4, "dihedral": 8}
 #: The predict limit the README's defaults were chosen under: 150 ms per photo.
 DEFAULT_MAX_PREDICT_MS = 150.0
 DEFAULT_BUDGET_MINUTES = 30.0
@@ -139,8 +138,7 @@ def estimated_cost(settings: dict[str, Any]) -> float:
         pixels = 1.5 * float(resize) ** 2
     backbone = BACKBONE_COST.get(settings.get("backbone", DEFAULTS["backbone"]), 3.0)
     tiles = 1.2 if settings.get("tile_size") else 1.0
-    augment = str(settings.get("augment", "none")).lower()
-    copies = AUGMENT_COPIES.get(augment, int(augment[6:]) if augment[6:].isdigit() else 4)  # rotate<N>: N copies
+    copies = len(parse_augment(str(settings.get("augment", "none"))))  # the fit's cost grows with the copies
     bank = 1.0 + 20.0 * float(settings.get("coreset_ratio", DEFAULTS["coreset_ratio"]))
     return pixels * backbone * tiles * bank * (1.0 + 0.5 * (copies - 1))
 
