@@ -128,3 +128,19 @@ def test_fit_auto_stops_at_the_budget_and_refuses_impossible_limits(good_folder,
                  "--coreset-ratio", "0.1", "--resize", "64", "--max-predict-ms", "0.001", "--budget-minutes", "0"]) == 2
     assert "no candidate met the limits" in capsys.readouterr().err
     assert not (tmp_path / "none").exists()
+
+
+def test_tune_warns_when_the_machine_is_busy_and_only_then(monkeypatch):
+    """Times per photo are measured as the machine is: on a busy one the predict limit leaves out
+    candidates that an idle one would keep (bottle at load 7: every candidate above 384 px)."""
+    import os
+
+    from patchcore.cli import tune as tune_command
+
+    monkeypatch.setattr("patchcore.engine.cpus.available_cpus", lambda: 2)
+    monkeypatch.setattr(os, "getloadavg", lambda: (7.4, 6.0, 5.0))
+    warning = tune_command.busy_warning(150.0)
+    assert "load 7.4 on 2 cores" in warning and "--max-predict-ms 150" in warning
+    assert tune_command.busy_warning(None) is None  # no predict limit: nothing to inflate
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.2, 1.0, 1.0))
+    assert tune_command.busy_warning(150.0) is None
