@@ -82,3 +82,42 @@ def test_the_nvidia_driver_is_looked_for_before_torch_is_asked(tmp_path, monkeyp
     assert devices.nvidia_driver_present()
     assert devices.wants_cuda("auto") == torch.cuda.is_available()  # with a driver, torch decides
     assert not devices.wants_cuda("cpu")
+
+
+def _resident_mib() -> float:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def test_the_network_keeps_its_memory_between_runs_and_hands_it_back_after_a_long_call(fitted_model, monkeypatch):
+    """ONNX Runtime's arena stays between runs (fresh memory each run cost 15 ms per photo) and is
+    handed back once a call has run several batches; the features do not change."""
+    import numpy as np
+    import pytest
+
+    from patchcore.engine import detector
+    from patchcore.engine.tiling import TiledEmbedding
+
+    if not os.path.exists("/proc/self/statm"):
+        pytest.skip("resident memory is read from /proc")
+    embedding = fitted_model.embedding_
+    pixels = np.random.default_rng(0).normal(size=(16, 3, 320, 320)).astype(np.float32)
+    embedding.release_memory()  # whatever earlier tests left in the session's model
+    before = _resident_mib()
+    first = embedding(pixels)
+    embedding(pixels)  # ONNX Runtime settles its memory plan on the second run
+    grown = _resident_mib() - before
+    assert grown > 20  # the arena of sixteen 320 px inputs
+    assert np.array_equal(embedding(pixels), first)  # later runs reuse it: no growth
+    assert _resident_mib() - before < grown + 10
+    embedding.release_memory()
+    assert _resident_mib() - before < grown / 2
+    assert np.array_equal(embedding(pixels[:2]), first[:2])  # the network still runs, the same features
+
+    released = []
+    monkeypatch.setattr(TiledEmbedding, "release_memory", lambda self: released.append(True))
+    images = [np.zeros((40, 40, 3), np.uint8)] * 3
+    batches = list(detector.embed_batches(images, fitted_model.transform_, embedding, batch_size=1))
+    assert len(batches) == 3 and released == [True]  # once, after the call's last batch
+    list(detector.embed_batches(images[:1], fitted_model.transform_, embedding, batch_size=1))
+    assert released == [True]  # one batch (a served photo): the arena stays for the next request

@@ -29,6 +29,7 @@ from .scoring import aggregated_image_score, anomaly_map, network_map, top_patch
 from .search import IDLE_CORES, MemoryBankIndex, search_threads
 from .settings import ModelSettings
 from .thresholds import flagging_threshold
+from .tiling import TiledEmbedding
 
 #: With ``search_backend="auto"``: exact search up to this many bank vectors, HNSW above. Exact
 #: search costs in proportion to the bank, HNSW (M=16, efSearch=16) barely grows with it: for the
@@ -62,10 +63,14 @@ def embed_batches(
     with ``augment`` (fitting), every copy of each photo (batches then out of order)."""
     batches = iterate_batches(sources, transform, batch_size, on_error=on_error, keep_images=keep_images, augment=augment)
     copies = 1 if augment is None else augment.copies
+    runs = 0
     with tqdm(total=len(sources) * copies, desc=description, unit="img", disable=not progress) as bar:
         for batch in batches:
             yield batch, embedding(batch.pixels)
+            runs += 1
             bar.update(len(batch.names))
+    if runs > 1 and isinstance(embedding, TiledEmbedding):
+        embedding.release_memory()  # what follows a long call (metrics, coreset) need not sit beside it
 
 
 def photo_grid(features: np.ndarray, placement: Placement) -> np.ndarray:

@@ -20,6 +20,9 @@ from .cpus import available_cpus
 OPSET = 17
 INPUT_NAME = "pixels"
 OUTPUT_NAME = "patch_features"
+#: Side of the input of :meth:`OnnxNetwork.release_memory`'s run: a multiple of every backbone's
+#: deepest stride (32 at most), small enough to cost about a millisecond.
+RELEASE_SIDE = 64
 
 
 def onnxruntime_available() -> bool:
@@ -55,15 +58,16 @@ class OnnxNetwork:
     ``threads``: ONNX Runtime's intra-op threads (default: every core this process may use). Its worker threads do not
     spin while they wait for work: on a shared machine spinning threads slowed every step down.
 
-    The memory of a run's activations is handed back when the run ends (``release_memory``): ONNX
-    Runtime's arena otherwise keeps the largest batch's, 280 MB for efficientnet_lite2 at 384 pixels
-    and batch 4, for as long as the model lives, beside everything that follows (``evaluate``'s
-    pixel metrics peaked 230 MB higher on MVTec bottle, a served model stayed that much larger).
-    Releasing costs each run the page faults of fresh memory, about 12 ms per 384-pixel image on
-    this project's 2-core Xeon; ``release_memory=False`` keeps the arena.
+    ONNX Runtime keeps the memory of a run's activations in its arena for the next run: 280 MB
+    for efficientnet_lite2 at 384 pixels and batch 4. Handing it back after every run cost each
+    run the page faults of fresh memory, 15 ms per 900x900 photo at the defaults (67 vs 53 ms per
+    photo on this project's 2-core Xeon), so runs keep it and :meth:`release_memory` hands it back
+    after a call's last batch (:func:`~patchcore.engine.detector.embed_batches` does when a call
+    ran several batches, so that ``evaluate``'s pixel metrics or a fit's coreset do not sit
+    beside it; a service scoring one photo per request keeps one photo's arena).
     """
 
-    def __init__(self, graph: bytes | str | os.PathLike, threads: int | None = None, release_memory: bool = True) -> None:
+    def __init__(self, graph: bytes | str | os.PathLike, threads: int | None = None) -> None:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -73,10 +77,15 @@ class OnnxNetwork:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         source = graph if isinstance(graph, bytes) else str(graph)
         self.session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
-        self.run_options = ort.RunOptions()
-        if release_memory:
-            self.run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+        self._shrink = ort.RunOptions()
+        self._shrink.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
         inputs = {INPUT_NAME: np.ascontiguousarray(pixels, dtype=np.float32)}
-        return self.session.run([OUTPUT_NAME], inputs, self.run_options)[0]
+        return self.session.run([OUTPUT_NAME], inputs)[0]
+
+    def release_memory(self) -> None:
+        """Hand the arena's free memory back to the system: a run on a small input that shrinks
+        the arena when it ends (ONNX Runtime shrinks only at the end of a run)."""
+        inputs = {INPUT_NAME: np.zeros((1, 3, RELEASE_SIDE, RELEASE_SIDE), dtype=np.float32)}
+        self.session.run([OUTPUT_NAME], inputs, self._shrink)

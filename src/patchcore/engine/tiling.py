@@ -14,6 +14,7 @@ from typing import Callable
 import numpy as np
 
 from .geometry import padded, tile_owner, tile_starts
+from .onnx_network import OnnxNetwork
 
 #: ``pixels (B, 3, H, W) -> patch features (B, H / cell, W / cell, width)``, float32 numpy.
 NetworkFunction = Callable[[np.ndarray], np.ndarray]
@@ -39,6 +40,11 @@ class TiledEmbedding:
         self.tile_size = None if tile_size is None else padded(tile_size, stride)
         self.tile_overlap = tile_overlap
         self.tile_batch = max(1, tile_batch)
+
+    def release_memory(self) -> None:
+        """Hand back the memory the network keeps between runs, where it keeps any (ONNX Runtime's arena)."""
+        if isinstance(self.network, OnnxNetwork):
+            self.network.release_memory()
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
         height, width = pixels.shape[-2:]
