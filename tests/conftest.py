@@ -100,3 +100,21 @@ def fitted_model(product_images):
     from patchcore import PatchCore
 
     return PatchCore(**small_model_settings()).fit(product_images["train"])
+
+
+def bank_only_detector(bank: np.ndarray, **settings):
+    """A detector over a bare bank (no network): what scoring does after the features; the
+    search is exact (numpy) unless ``settings`` say otherwise."""
+    from patchcore.engine.detector import Detector
+    from patchcore.engine.settings import ModelSettings
+
+    class BankOnly(Detector):
+        def __init__(self) -> None:
+            self.settings_ = ModelSettings(**{"search_backend": "numpy", **settings})
+            self._set_memory_bank(bank)
+            self._start_bank_state()
+
+        def settings(self) -> ModelSettings:
+            return self.settings_
+
+    return BankOnly()

@@ -6,13 +6,11 @@ import math
 
 import numpy as np
 import pytest
-from conftest import small_model_settings
+from conftest import bank_only_detector, small_model_settings
 
 from patchcore import PatchCore
-from patchcore.engine.detector import Detector
 from patchcore.engine.scoring import aggregated_image_score, parse_aggregation, reweighted_image_score, top_patches
 from patchcore.engine.search import MemoryBankIndex
-from patchcore.engine.settings import ModelSettings
 
 #: A bank on a line, and ten patches (a 2x5 grid) at known distances from it.
 BANK = np.array([[0.0], [1.0], [2.0], [4.0], [10.0]], np.float32)
@@ -21,25 +19,13 @@ SCORES = np.array([0, 0, 0, 0, 0, 0.5, 3, 2.8, 6, 10], np.float32)
 NEAREST = np.array([0, 1, 2, 3, 4, 0, 4, 3, 4, 4])
 
 
-class BankOnly(Detector):
-    """Scoring over a bare bank (no network)."""
-
-    def __init__(self, bank: np.ndarray, **settings) -> None:
-        self.settings_ = ModelSettings(**{"search_backend": "numpy", **settings})
-        self._set_memory_bank(bank)
-        self._start_bank_state()
-
-    def settings(self) -> ModelSettings:
-        return self.settings_
-
-
 def eq7(distance_to_match: float, distance_to_other: float) -> float:
     """Eq. 7's weight with two neighbours (m* and one more), by hand."""
     return 1 - math.exp(distance_to_match) / (math.exp(distance_to_match) + math.exp(distance_to_other))
 
 
 def test_the_search_finds_what_the_table_says():
-    distances, nearest = BankOnly(BANK).score_patches(PATCHES)
+    distances, nearest = bank_only_detector(BANK).score_patches(PATCHES)
     np.testing.assert_allclose(distances, SCORES, atol=1e-3)
     assert nearest.tolist() == NEAREST.tolist()
 
@@ -52,7 +38,7 @@ def test_the_search_finds_what_the_table_says():
 def test_plain_aggregations_by_hand(aggregation, expected):
     index = MemoryBankIndex(BANK)
     assert aggregated_image_score(SCORES, NEAREST, PATCHES, index, aggregation, reweight=False) == pytest.approx(expected)
-    detector = BankOnly(BANK, aggregation=aggregation, reweight=False)
+    detector = bank_only_detector(BANK, aggregation=aggregation, reweight=False)
     assert detector.score_images([PATCHES])[0][2] == pytest.approx(expected, abs=1e-3)
 
 
@@ -76,7 +62,7 @@ def test_a_detector_scores_several_images_at_once_as_each_alone():
     bank = rng.normal(size=(300, 8)).astype(np.float32)
     images = [bank[rng.choice(300, 50)] + rng.normal(size=(50, 8)).astype(np.float32) * s for s in (0.1, 0.5, 2.0)]
     for aggregation in ("max", "top3", "top5%"):
-        detector = BankOnly(bank, aggregation=aggregation, num_neighbours=4)
+        detector = bank_only_detector(bank, aggregation=aggregation, num_neighbours=4)
         together = detector.score_images(images)
         index = MemoryBankIndex(bank)
         for patches, (distances, nearest, score) in zip(images, together):

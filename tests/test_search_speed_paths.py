@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import bank_only_detector
 from scipy.ndimage import gaussian_filter
 
 from patchcore.engine import search
 from patchcore.engine.approximate_search import ApproximateIndex
-from patchcore.engine.detector import Detector
 from patchcore.engine.geometry import InputTransform, Placement
 from patchcore.engine.scoring import anomaly_map, axis_operator, network_map, resize_bilinear
 from patchcore.engine.search import MemoryBankIndex, exact_distances
-from patchcore.engine.settings import ModelSettings
 
 
 # -- maps ---------------------------------------------------------------------------------------
@@ -114,18 +113,6 @@ def test_the_float16_hnsw_walk_returns_true_float32_distances_even_where_float16
     assert np.mean(distances[:, 0] > true * (1 + 1e-3)) > 0.2  # float16 really could not tell them apart
 
 
-class BankOnly(Detector):
-    """A detector over a bare bank (no network): what scoring does after the features."""
-
-    def __init__(self, bank: np.ndarray, **settings) -> None:
-        self.settings_ = ModelSettings(**{"search_backend": "numpy", **settings})
-        self._set_memory_bank(bank)
-        self._start_bank_state()
-
-    def settings(self) -> ModelSettings:
-        return self.settings_
-
-
 class Misleading:
     """An approximate index that misses on purpose: for every query farther than ``far`` from the
     bank (the anomalous patches, where real indexes miss most) it returns the bank vector
@@ -163,9 +150,9 @@ def images_and_bank(seed: int = 3) -> tuple[list[np.ndarray], np.ndarray]:
 @pytest.mark.parametrize("reweight", [True, False])
 def test_image_scores_equal_exact_searchs_to_the_bit_when_the_first_pass_misses_on_purpose(reweight):
     images, bank = images_and_bank()
-    exact = BankOnly(bank, reweight=reweight)
+    exact = bank_only_detector(bank, reweight=reweight)
     expected = [exact.score_images([patches])[0] for patches in images]
-    misled = BankOnly(bank, reweight=reweight)
+    misled = bank_only_detector(bank, reweight=reweight)
     misled.index_ = Misleading(bank, share=0.2, far=2.5)  # every anomalous patch missed, and 20% of the rest
     for (scores, nearest, score), (true_scores, true_nearest, true_score), patches in zip(
             misled.score_images(images), expected, images):
@@ -181,7 +168,7 @@ def test_image_scores_equal_exact_searchs_to_the_bit_when_the_first_pass_misses_
 
 def test_scoring_several_images_at_once_gives_each_ones_own_scores_to_the_bit():
     images, bank = images_and_bank(4)
-    model = BankOnly(bank)
+    model = bank_only_detector(bank)
     model.index_ = ApproximateIndex(bank, "hnsw", hnsw_neighbours=4, ef_search=2)  # a poor index: re-checks work
     together = model.score_images(images)
     for patches, (scores, nearest, score) in zip(images, together):
@@ -194,8 +181,8 @@ def test_auto_search_is_exact_up_to_the_limit_and_hnsw_above():
     from patchcore.engine.detector import AUTO_EXACT_LIMIT
 
     rng = np.random.default_rng(5)
-    at_limit = BankOnly(rng.normal(size=(AUTO_EXACT_LIMIT, 8)).astype(np.float32), search_backend="auto")
-    above = BankOnly(rng.normal(size=(AUTO_EXACT_LIMIT + 1, 8)).astype(np.float32), search_backend="auto")
+    at_limit = bank_only_detector(rng.normal(size=(AUTO_EXACT_LIMIT, 8)).astype(np.float32), search_backend="auto")
+    above = bank_only_detector(rng.normal(size=(AUTO_EXACT_LIMIT + 1, 8)).astype(np.float32), search_backend="auto")
     assert isinstance(at_limit.index_, MemoryBankIndex)
     assert isinstance(above.index_, ApproximateIndex) and above.index_.kind == "hnsw"
 
