@@ -146,9 +146,10 @@ def timed(command: list[str], env: dict[str, str]) -> dict:
     return {"seconds": wall, "peak_mib": peak / 1024, "status": result.returncode}
 
 
-def serve_once(model: Path, image: Path, env: dict[str, str]) -> dict:
-    """``patchcore serve`` of ``model`` under ``/usr/bin/time -v`` until it has answered one request:
-    seconds from start to the answer, peak RSS in MiB, the score."""
+def serve_once(model: Path, image: Path, env: dict[str, str],
+               options: tuple[str, ...] = ("--no-teach-in", "--threads", "2")) -> dict:
+    """``patchcore serve`` of ``model`` (with ``options``) under ``/usr/bin/time -v`` until it has
+    answered one request: seconds from start to the answer, peak RSS in MiB, the score."""
     import signal
     import socket
     import urllib.request
@@ -157,7 +158,7 @@ def serve_once(model: Path, image: Path, env: dict[str, str]) -> dict:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     command = ["/usr/bin/time", "-v", sys.executable, "-m", "patchcore.cli", "serve", str(model), "--port", str(port),
-               "--no-teach-in", "--threads", "2"]
+               *options]
     started = time.perf_counter()
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     base = f"http://127.0.0.1:{port}"

@@ -28,13 +28,10 @@ import argparse
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -150,34 +147,14 @@ def peak_rss(command: list[str], source: str | None, cache: Path) -> float:
 
 def serve_peak_rss(model: Path, photo: Path, source: str | None, cache: Path) -> float:
     """Peak RSS in GB of ``patchcore serve MODEL`` that has answered one request."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    sys.path.insert(0, str(Path(__file__).parent))
+    from bench_memory import serve_once
+
     env = _env(source, cache)
     help_text = subprocess.run([sys.executable, "-m", "patchcore.cli", "serve", "--help"], capture_output=True, text=True,
                                env=env).stdout
-    extra = ["--no-teach-in"] if "--no-teach-in" in help_text else []
-    server = subprocess.Popen(["/usr/bin/time", "-v", sys.executable, "-m", "patchcore.cli", "serve", str(model), "--port",
-                               str(port), *extra], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        while True:
-            if server.poll() is not None:
-                raise RuntimeError(f"serve stopped: {server.stderr.read()[-2000:]}")
-            try:
-                urllib.request.urlopen(f"{base}/healthz", timeout=1).read()
-                break
-            except OSError:
-                time.sleep(0.05)
-        request = urllib.request.Request(f"{base}/v1/models/{model.name}/predict", data=photo.read_bytes(),
-                                         headers={"content-type": "image/png"})
-        urllib.request.urlopen(request, timeout=600).read()
-    finally:
-        for child in Path(f"/proc/{server.pid}/task/{server.pid}/children").read_text().split():
-            os.kill(int(child), signal.SIGINT)  # the interpreter under time: it shuts the server down
-        _, errors = server.communicate(timeout=120)
-    kib = next(int(line.split(":")[1]) for line in errors.splitlines() if "Maximum resident set size" in line)
-    return kib * 1024 / 1e9
+    options = ("--no-teach-in",) if "--no-teach-in" in help_text else ()  # a tree from before teach-in tokens
+    return serve_once(model, photo, env, options)["peak_mib"] * 2**20 / 1e9
 
 
 def prepare(scratch: Path) -> dict[str, Path]:
