@@ -2,7 +2,7 @@
 
     python benchmarks/bench_fit.py                        # both parts, both data sets
     python benchmarks/bench_fit.py --part stages --before 39139c6 --reps 3
-    python benchmarks/bench_fit.py --part int8 --method minmax --format qoperator --calibration 8
+    python benchmarks/bench_fit.py --part int8 --calibration 8
 
 ``stages``: a fit at the defaults (efficientnet_lite2, shorter side 384, 1% bank capped at 40,000)
 on MVTec bottle (209 PNG photos of 900x900) and on 210 VisA macaroni1 photos resized to 600x800
@@ -14,10 +14,10 @@ wall and the CPU seconds (``time.process_time``: what the other developers' proc
 inflate much) are printed, the median over the reps, with whether both chose the same bank.
 
 ``int8``: per data set (bottle; macaroni1: 900 training photos, 200 test photos of 750x500), a
-model at the defaults and one whose network is the int8 graph of
+model at the defaults and one with ``network_precision="int8"`` (the int8 graph of
 :func:`patchcore.engine.quantization.quantize_graph`, calibrated on ``--calibration`` of the
-training photos (evenly spaced), each fitted and evaluated as ``patchcore evaluate`` does
-(image AUROC, pixel AUROC, AUPRO over full-size maps); end to end ms per photo is evaluate's
+training photos, evenly spaced: by default the model's own 8), each fitted and evaluated as
+``patchcore evaluate`` does (image AUROC, pixel AUROC, AUPRO over full-size maps); end to end ms per photo is evaluate's
 (decoding, network, search, full-size maps); network only is the network's call on the test
 photos' inputs at batch 4 and at batch 1 (the two models alternate, median of the runs, wall and
 CPU). The fit time of the int8 model includes its calibration and quantisation, printed apart.
@@ -120,22 +120,15 @@ def timed(function, cpu_seconds: list[float]):
 
 # -- part 2: the int8 network -------------------------------------------------------------------------
 
-def int8_model(calibration_sources: list, count: int, method: str, quant_format: str):
-    """A default PatchCore whose network is the int8 graph calibrated on ``count`` of the sources."""
+def int8_model(count: int | None):
+    """A default PatchCore with ``network_precision="int8"``, calibrated on ``count`` training photos
+    (``None``: the model's own :data:`~patchcore.engine.model.CALIBRATION_PHOTOS`)."""
     from patchcore import PatchCore
-    from patchcore.engine.onnx_network import OnnxNetwork
-    from patchcore.engine.quantization import calibration_inputs, quantize_graph
+    from patchcore.engine import model as model_module
 
-    class Int8PatchCore(PatchCore):
-        def _build(self, spec, graph, torch_network=None):
-            super()._build(spec, graph, torch_network)
-            started = time.perf_counter()
-            inputs = calibration_inputs(calibration_sources, self.transform_, count)
-            self.int8_graph_ = quantize_graph(graph.graph_bytes(), inputs, method=method, quant_format=quant_format)
-            self.embedding_.network = OnnxNetwork(self.int8_graph_, self.threads)
-            self.quantize_seconds_ = time.perf_counter() - started
-
-    return Int8PatchCore()
+    if count is not None:
+        model_module.CALIBRATION_PHOTOS = count
+    return PatchCore(network_precision="int8")
 
 
 def network_times(models: dict, inputs: np.ndarray, rounds: int = 3) -> dict[str, dict[str, float]]:
@@ -154,7 +147,7 @@ def network_times(models: dict, inputs: np.ndarray, rounds: int = 3) -> dict[str
     return {name: {key: statistics.median(values) for key, values in figures.items()} for name, figures in runs.items()}
 
 
-def int8_table(count: int, method: str, quant_format: str) -> None:
+def int8_table(count: int | None) -> None:
     from patchcore import PatchCore
     from patchcore.engine.quantization import calibration_inputs
     from patchcore.evaluation.datasets import load_mvtec_category
@@ -162,13 +155,16 @@ def int8_table(count: int, method: str, quant_format: str) -> None:
 
     sets = [("bottle", lambda: load_mvtec_category(BOTTLE.parent, "bottle")),
             ("macaroni1", lambda: load_mvtec_category(VISA, "macaroni1"))]
-    print(f"\nint8 network: {quant_format}, {method} calibration on {count} training photos, per-channel weights")
+    from patchcore.engine import model as model_module
+
+    models_note = count if count is not None else model_module.CALIBRATION_PHOTOS
+    print(f"\nint8 network (network_precision='int8'): calibrated on {models_note} training photos")
     header = (f"{'set':10s} {'network':8s} {'img AUROC':>9s} {'px AUROC':>8s} {'AUPRO':>7s} {'net ms b4':>9s} {'(CPU)':>6s} "
               f"{'net ms b1':>9s} {'(CPU)':>6s} {'e2e ms':>7s} {'fit s':>6s} {'quantise s':>10s}")
     rows = []
     for name, load in sets:
         dataset = load()
-        models = {"float32": PatchCore(), "int8": int8_model(dataset.train, count, method, quant_format)}
+        models = {"float32": PatchCore(), "int8": int8_model(count)}
         results = {}
         for label, model in models.items():  # one after the other: the evaluation's figures are each its own
             results[label] = evaluate_dataset(model, dataset, None)
@@ -180,7 +176,7 @@ def int8_table(count: int, method: str, quant_format: str) -> None:
             rows.append(f"{name:10s} {label:8s} {100 * row['image_auroc']:9.2f} {100 * row['pixel_auroc']:8.2f} "
                         f"{100 * row['aupro']:7.2f} {speed[label]['b4']:9.1f} {speed[label]['b4cpu']:6.1f} "
                         f"{speed[label]['b1']:9.1f} {speed[label]['b1cpu']:6.1f} {row['ms_per_image']:7.1f} "
-                        f"{row['fit_seconds']:6.1f} {getattr(models[label], 'quantize_seconds_', 0.0):10.1f}")
+                        f"{row['fit_seconds']:6.1f} {models[label].fit_timings_.get('quantize', 0.0):10.1f}")
         deltas = {key: 100 * (results["int8"][key] - results["float32"][key]) for key in ("image_auroc", "pixel_auroc", "aupro")}
         rows.append(f"{name:10s} {'change':8s} {deltas['image_auroc']:+9.2f} {deltas['pixel_auroc']:+8.2f} "
                     f"{deltas['aupro']:+7.2f}   (points; the issue's bar: less than 0.2 on AUROC and AUPRO)")
@@ -194,9 +190,8 @@ def main() -> int:
     parser.add_argument("--before", default="39139c6", help="git revision of the coreset to compare against")
     parser.add_argument("--reps", type=int, default=3, help="coreset runs per implementation and set")
     parser.add_argument("--scratch", type=Path, default=Path("/tmp/patchcore-bench-fit"), help="where the 600x800 photos go")
-    parser.add_argument("--calibration", type=int, default=8, help="training photos calibrating the int8 graph")
-    parser.add_argument("--method", default="minmax", help="calibration: minmax, entropy or percentile")
-    parser.add_argument("--format", dest="quant_format", default="qoperator", help="qoperator or qdq")
+    parser.add_argument("--calibration", type=int, default=None,
+                        help="training photos calibrating the int8 graph (default: the model's, 8)")
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     try:
@@ -210,7 +205,7 @@ def main() -> int:
         stage_times("MVTec bottle", sorted((BOTTLE / "train" / "good").glob("*.png")), before, args.reps)
         stage_times("macaroni1 at 600x800", photos_600x800(args.scratch), before, args.reps)
     if args.part in ("int8", "all"):
-        int8_table(args.calibration, args.method, args.quant_format)
+        int8_table(args.calibration)
     return 0
 
 

@@ -343,3 +343,36 @@ def test_the_cache_folder_follows_the_environment(tmp_path, monkeypatch):
     monkeypatch.setenv(network_cache.CACHE_ENV, str(tmp_path / "own"))
     assert network_cache.cache_directory() == tmp_path / "own"
     assert network_cache.cache_directory(tmp_path / "given") == tmp_path / "given"
+
+
+def test_an_int8_model_fits_predicts_and_exports_without_torch(cache, reference, product_images, tmp_path):
+    """Quantising needs onnx, not torch: with the cache warm, ``fit --network-precision int8``, then
+    predict, export and load of that model run where torch cannot be imported, and score as an int8
+    model fitted here with torch does (the same calibration photos, the same int8 graph)."""
+    from patchcore.engine.quantization import graph_operators
+
+    train, model_dir, images = str(product_images["train"][0].parent), tmp_path / "int8", reference["images"]
+    code = f"""
+import json
+from patchcore import PatchCore, load_model
+from patchcore.cli.main import main
+codes = {{'fit': main(['fit', {train!r}, '-o', {str(model_dir)!r}, '--network-precision', 'int8', *{FAST_OPTIONS!r}])}}
+codes['predict'] = main(['predict', {str(model_dir)!r}, *{images!r}, '-o', {str(tmp_path / 'predictions')!r}, '--no-overlays'])
+codes['export'] = main(['export', {str(model_dir)!r}, '-o', {str(tmp_path / 'export')!r}])
+model = PatchCore.load({str(model_dir)!r})
+exported = load_model({str(tmp_path / 'export')!r})
+print(json.dumps({{'codes': codes, 'loaded': [p.score for p in model.predict({images!r}, maps=False)],
+                  'exported': [p.score for p in exported.predict({images!r}, maps=False)]}}))
+"""
+    result = _run(code, cache)
+    assert result.returncode == 0, result.stderr
+    got = json.loads(result.stdout.strip().splitlines()[-1])
+    assert got["codes"] == {"fit": 0, "predict": 0, "export": 0}
+    with_torch = PatchCore(**small_model_settings(network_precision="int8")).fit(product_images["train"])
+    expected = [p.score for p in with_torch.predict(images, maps=False)]
+    assert got["loaded"] == expected and got["exported"] == expected
+    assert got["loaded"] != reference["scores"]  # not the float network
+    with open(tmp_path / "predictions" / "scores.csv", newline="") as handle:
+        assert [float(row["score"]) for row in csv.DictReader(handle)] == pytest.approx(expected, rel=1e-6, abs=1e-6)
+    graph = next(model_dir.glob("network-*.onnx")).read_bytes()
+    assert graph == with_torch.network_.graph_bytes() and graph_operators(graph).get("QLinearConv", 0) > 0

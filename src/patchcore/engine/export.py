@@ -39,6 +39,9 @@ def export_model(model, directory: str | os.PathLike, format: str = "onnx", even
     if format not in FORMATS:
         raise ValueError(f"unknown export format {format!r}: use one of {', '.join(FORMATS)}")
     model._check_fitted()
+    if format == "openvino" and model.settings().network_precision == "int8":
+        raise ValueError("an int8 network exports as ONNX only (OpenVINO cannot convert its QLinearConv nodes): use "
+                         "--format onnx, or export a float32 model to OpenVINO")
     graph = model.network_.graph_bytes()  # the graph the model runs: no torch needed
     if format == "onnx":
         blobs = {"network": (".onnx", graph)}

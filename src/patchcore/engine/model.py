@@ -27,7 +27,7 @@ from .patch_store import ArrayRows, PatchStore
 from .prediction import ErrorHandler
 from .scoring import parse_aggregation
 from .search import BACKENDS
-from .settings import DEFAULTS, DEVICES, PRESETS, RUNTIMES, ModelSettings, read_settings  # noqa: F401  (PRESETS: API)
+from .settings import DEFAULTS, DEVICES, PRECISIONS, PRESETS, RUNTIMES, ModelSettings, read_settings  # noqa: F401  (PRESETS: API)
 from .tiling import TiledEmbedding
 
 #: Modules only the torch half needs (building a graph once per backbone, the GPU, ``runtime="torch"``).
@@ -35,6 +35,10 @@ TORCH_MODULES = ("torch", "timm", "torchvision")
 
 #: Training patches drawn (seeded) to measure the scale of normal patch scores after fitting.
 REFERENCE_PATCHES = 10_000
+#: Training photos that calibrate an int8 network (evenly spaced over the list, always the same:
+#: :func:`~patchcore.engine.quantization.calibration_inputs`): each activation's range is the
+#: min / max over them, measured in a few seconds (``benchmarks/bench_fit.py --part int8``).
+CALIBRATION_PHOTOS = 8
 
 
 def _torch_half(what: str):
@@ -47,6 +51,11 @@ def _torch_half(what: str):
             raise network_cache.torch_needed(what, error) from None
         raise
     return embedding
+
+
+#: Why an int8 network cannot run on the GPU or with torch.
+_INT8_RUNS_ON_ONNXRUNTIME = ("network_precision 'int8' runs the network with ONNX Runtime on the CPU: use device 'auto' or "
+                             "'cpu' and runtime 'auto' or 'onnxruntime' (or network_precision 'float32' on the GPU)")
 
 
 def _not_built(pixels: np.ndarray) -> np.ndarray:  # pragma: no cover - replaced before any use
@@ -122,6 +131,11 @@ class PatchCore(EstimatorParams, Detector):
     smoothing_sigma: Gaussian smoothing of the anomaly map, in network-input pixels (paper: 4).
     weights: ``"imagenet"`` (packaged or downloaded), a local state-dict file, or ``"random"``.
     feature_location: timm feature location, e.g. ``"expansion"`` for EfficientNets (default per backbone).
+    network_precision: ``"float32"`` (default) or ``"int8"``: the network's convolutions on 8-bit integers
+        (ONNX Runtime's static quantisation of the float graph, calibrated at fit on
+        :data:`CALIBRATION_PHOTOS` training photos spread over the list; the bank and every later
+        photo go through the same int8 graph, which saved models and exports keep). CPU with ONNX
+        Runtime only; quantising needs the ``onnx`` package (training extra), running it does not.
     search_backend: ``"auto"``: exact up to 1,000 bank vectors, HNSW above; exact nearest-neighbour search
         with ``"numpy"`` (blocked BLAS products, faster here) or ``"faiss"`` (IndexFlatL2), or approximate
         search with faiss ``"hnsw"`` or ``"ivfpq"`` (faster for large banks, scores may rise slightly; the
@@ -160,6 +174,7 @@ class PatchCore(EstimatorParams, Detector):
         smoothing_sigma: float = DEFAULTS["smoothing_sigma"],
         weights: str | os.PathLike = DEFAULTS["weights"],
         feature_location: str | None = DEFAULTS["feature_location"],
+        network_precision: str = DEFAULTS["network_precision"],
         search_backend: str = DEFAULTS["search_backend"],
         batch_size: int = DEFAULTS["batch_size"],
         seed: int = DEFAULTS["seed"],
@@ -188,6 +203,7 @@ class PatchCore(EstimatorParams, Detector):
         self.smoothing_sigma = smoothing_sigma
         self.weights = weights
         self.feature_location = feature_location
+        self.network_precision = network_precision
         self.search_backend = search_backend
         self.batch_size = batch_size
         self.seed = seed
@@ -224,6 +240,10 @@ class PatchCore(EstimatorParams, Detector):
             raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {self.runtime!r}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be at least 1, got {self.threads}")
+        if self.network_precision not in PRECISIONS:
+            raise ValueError(f"network_precision must be one of {', '.join(PRECISIONS)}, got {self.network_precision!r}")
+        if self.network_precision == "int8" and (self.device == "cuda" or self.runtime == "torch"):
+            raise ValueError(_INT8_RUNS_ON_ONNXRUNTIME)
         parse_resize(self.resize)  # raises on a bad size
         parse_augment(self.augment)  # raises on an unknown augmentation
         parse_aggregation(self.aggregation)  # raises on an unknown aggregation
@@ -255,6 +275,20 @@ class PatchCore(EstimatorParams, Detector):
 
         return network_cache.patch_graph(spec, self.weights, self.feature_width, self.neighbourhood, build)
 
+    def _int8_graph(self, spec: BackboneSpec, graph: PatchGraph, sources: list, skip_unreadable: bool) -> PatchGraph:
+        """The int8 quantisation of float ``graph``, calibrated on :data:`CALIBRATION_PHOTOS` of
+        ``sources`` (as the model transforms them; photos that cannot be read are left out when
+        ``skip_unreadable``, the fit reports them)."""
+        from .quantization import calibration_inputs, quantize_graph
+
+        transform = InputTransform(self.resize, self.crop, spec.mean, spec.std, stride=graph.stride, cell=graph.cell)
+        inputs = calibration_inputs(sources, transform, CALIBRATION_PHOTOS, skip_unreadable=skip_unreadable)
+        try:
+            return graph.derived(quantize_graph(graph.graph_bytes(), inputs))
+        except ImportError as error:  # the quantiser needs onnx (training extra); running the int8 graph does not
+            raise ImportError(f"network_precision 'int8' needs {error.name} to quantise the network: pip install "
+                              "'patchcore[train]' (a saved int8 model runs without it)", name=error.name) from None
+
     def _torch_network(self):
         """The patch network as a torch module (GPU, ``runtime="torch"``), made from the graph's weights."""
         if not hasattr(self, "torch_network_"):
@@ -266,7 +300,12 @@ class PatchCore(EstimatorParams, Detector):
 
     def _run_network_on(self, device: str) -> str:
         """Point the embedding at the network on ``device``; returns what ran: cuda, onnxruntime or torch.
-        Only cuda and the torch runtime import torch."""
+        Only cuda and the torch runtime import torch; an int8 network runs on ONNX Runtime only."""
+        if self.network_precision == "int8":
+            if device == "cuda" or self.runtime == "torch" or not onnxruntime_available():
+                raise ValueError(_INT8_RUNS_ON_ONNXRUNTIME)
+            self.embedding_.network = OnnxNetwork(self.network_.graph_bytes(), self.threads)
+            return "onnxruntime"
         if wants_cuda(device):
             import torch
 
@@ -320,12 +359,17 @@ class PatchCore(EstimatorParams, Detector):
         """
         self._validate_settings()
         timings: dict[str, float] = {}
+        sources = expand_sources(images)
         if not hasattr(self, "embedding_"):
             started = time.perf_counter()
             spec = resolve_spec(self.backbone, self.layers, self.feature_location)
-            self._build(spec, *self._patch_graph(spec))
-            timings["backbone_load"] = time.perf_counter() - started
-        sources = expand_sources(images)
+            graph, torch_network = self._patch_graph(spec)
+            if self.network_precision == "int8":  # every patch, of the bank and of later photos, from this graph
+                quantize_started = time.perf_counter()
+                graph, torch_network = self._int8_graph(spec, graph, sources, on_error is not None), None
+                timings["quantize"] = time.perf_counter() - quantize_started
+            self._build(spec, graph, torch_network)
+            timings["backbone_load"] = time.perf_counter() - started - timings.get("quantize", 0.0)
         started = time.perf_counter()
         # With augment, each photo's copies are made as it is decoded and stored as images of their own.
         augment = augmenter(self.augment, self.transform_)
@@ -421,6 +465,8 @@ class PatchCore(EstimatorParams, Detector):
             # the weights stay on disk instead of in memory.
             cached = network_cache.remember(graph, {"backbone": spec.name, "from_saved_model": str(directory)})
             return cached or graph, None
+        if self.network_precision == "int8":  # written since format 5, which always keeps the graph
+            raise ValueError("an int8 model saved without its network graph (network-*.onnx)")
 
         def build() -> NetworkParts:
             embedding = _torch_half(f"{directory}: saved without its network graph, the graph of {spec.name}")

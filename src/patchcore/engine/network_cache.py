@@ -142,6 +142,11 @@ class PatchGraph:
         return cls(graph, graph_sha256, arrays, int(state["stride"]), int(state["cell"]),
                    tuple(int(c) for c in state["channels"]), int(state["width"]), state.get("cache_key"))
 
+    def derived(self, graph: bytes) -> "PatchGraph":
+        """This network with ``graph`` in place of its graph (e.g. its int8 quantisation): the same
+        weights and geometry, but not this cache entry's graph, so without a key (never cached)."""
+        return replace(self, graph=graph, graph_sha256=hashlib.sha256(graph).hexdigest(), key=None)
+
     @classmethod
     def in_memory(cls, parts: NetworkParts, key: str | None = None) -> "PatchGraph":
         return cls(parts.graph, hashlib.sha256(parts.graph).hexdigest(), parts.arrays, parts.stride, parts.cell,

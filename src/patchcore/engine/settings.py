@@ -43,6 +43,7 @@ class ModelSettings:
     smoothing_sigma: float = 4.0
     weights: str = IMAGENET_WEIGHTS
     feature_location: str | None = None
+    network_precision: str = "float32"
     search_backend: str = "auto"
     batch_size: int = 4
     seed: int = 0
@@ -96,6 +97,9 @@ DEFAULTS: dict[str, Any] = {field.name: field.default for field in fields(ModelS
 DEVICES = ("auto", "cpu", "cuda")
 #: What runs the network on the CPU: ``auto`` = ONNX Runtime when it is installed, else torch.
 RUNTIMES = ("auto", "onnxruntime", "torch")
+#: What the network computes in: ``float32``, or ``int8`` (ONNX Runtime's static quantisation of the
+#: float graph, calibrated on training photos: :mod:`.quantization`; CPU and ONNX Runtime only).
+PRECISIONS = ("float32", "int8")
 
 #: Named settings one option away (``--preset``). ``paper``: the paper's MVTec AD protocol, shorter
 #: side 256 and a centred 224x224 crop with a 10% memory bank searched exactly (on this project's
@@ -114,30 +118,36 @@ RUNNING_SETTINGS = ("device", "runtime", "threads", "scratch_dir", "progress", "
 #: written before them did: it was fitted on its photos only (no turned or mirrored copies) and
 #: scored each image by its largest patch score (eq. 7 re-weighted when ``reweight``).
 ADDED_IN_FORMAT_4: dict[str, Any] = {"augment": "none", "aggregation": "max"}
+#: Settings added in format version 5 (issue 17), likewise: a model written before it ran its
+#: network in float32.
+ADDED_IN_FORMAT_5: dict[str, Any] = {"network_precision": "float32"}
+#: Every setting added since format 3, with the values that reproduce the models written before it.
+ADDED_SINCE_FORMAT_3: dict[str, Any] = {**ADDED_IN_FORMAT_4, **ADDED_IN_FORMAT_5}
 
 
 def read_settings(data: dict[str, Any], where: str, format_version: int) -> tuple[ModelSettings, tuple[str, ...]]:
     """The settings of a model file of any readable format version, and the names of the settings
     that affect results but that the file did not record.
 
-    From format version 4 every setting is recorded and nothing is guessed. Format 3 recorded every
-    setting of its time, strictly too (all present, none unknown), and takes the settings added
-    since (:data:`ADDED_IN_FORMAT_4`) at the values that reproduce what the model did, not at
-    today's defaults. Older exports kept only what scoring needs (not the coreset's ratio,
-    projection or seed, which teach-in needs): those are returned as unrecorded, so that teach-in
-    can refuse to guess them. The search back end that older files call ``torch`` (numpy's BLAS,
-    always) is ``numpy``.
+    From format version 5 every setting is recorded and nothing is guessed. Formats 3 and 4
+    recorded every setting of their time, strictly too (all present, none unknown), and take the
+    settings added since (:data:`ADDED_IN_FORMAT_4`, :data:`ADDED_IN_FORMAT_5`) at the values that
+    reproduce what the model did, not at today's defaults. Older exports kept only what scoring
+    needs (not the coreset's ratio, projection or seed, which teach-in needs): those are returned
+    as unrecorded, so that teach-in can refuse to guess them. The search back end that older files
+    call ``torch`` (numpy's BLAS, always) is ``numpy``.
     """
-    if format_version >= 4:
+    if format_version >= 5:
         return ModelSettings.from_json(data, where), ()
-    if format_version == 3:
-        added = sorted(set(ADDED_IN_FORMAT_4) & set(data))
-        if added:
-            raise ValueError(f"{where}: settings do not match this patchcore (unknown {', '.join(added)} in a "
-                             "format 3 file)")
-        return ModelSettings.from_json({**data, **ADDED_IN_FORMAT_4}, where), ()
-    values = {key: value for key, value in data.items() if key in DEFAULTS and key not in ADDED_IN_FORMAT_4}
-    values.update(ADDED_IN_FORMAT_4)
+    if format_version in (3, 4):
+        added = {**ADDED_IN_FORMAT_5, **(ADDED_IN_FORMAT_4 if format_version == 3 else {})}
+        unknown = sorted(set(added) & set(data))
+        if unknown:
+            raise ValueError(f"{where}: settings do not match this patchcore (unknown {', '.join(unknown)} in a "
+                             f"format {format_version} file)")
+        return ModelSettings.from_json({**data, **added}, where), ()
+    values = {key: value for key, value in data.items() if key in DEFAULTS and key not in ADDED_SINCE_FORMAT_3}
+    values.update(ADDED_SINCE_FORMAT_3)
     if values.get("search_backend") == "torch":
         values["search_backend"] = "numpy"
     unrecorded = [name for name in DEFAULTS if name not in values]

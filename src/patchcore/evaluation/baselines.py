@@ -269,6 +269,9 @@ def create_detector(method: str, **settings):
         return PatchCore(**settings)
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
+    if settings.get("network_precision", "float32") != "float32":
+        raise ValueError(f"{method} runs its network in float32 with torch: network_precision "
+                         f"{settings['network_precision']!r} is for patchcore only")
     cls = Spade if method == "spade" else Padim
     shared = ("feature_width", "neighbourhood", "resize", "crop", "smoothing_sigma", "weights", "feature_location",
               "batch_size", "seed", "progress")

@@ -238,9 +238,10 @@ def _eval_size(shape: tuple[int, int]) -> tuple[int, int]:
 
 def _fit_estimate(timings: dict[str, float], ratio: float) -> float:
     """Fit seconds on ``ratio`` times the photos: features and index grow linearly, the greedy
-    coreset about quadratically (its bank grows with the patches), loading the network not at all."""
-    return (timings.get("backbone_load", 0.0) + ratio * (timings.get("features", 0.0) + timings.get("index", 0.0))
-            + ratio**2 * timings.get("coreset", 0.0))
+    coreset about quadratically (its bank grows with the patches), loading (and quantising) the
+    network not at all."""
+    fixed = timings.get("backbone_load", 0.0) + timings.get("quantize", 0.0)
+    return fixed + ratio * (timings.get("features", 0.0) + timings.get("index", 0.0)) + ratio**2 * timings.get("coreset", 0.0)
 
 
 def measure(settings: dict[str, Any], held: HeldOut, make_model: Callable[[dict[str, Any]], Any]) -> Trial:
