@@ -147,3 +147,13 @@ def test_a_photo_that_cannot_be_read_is_skipped_by_the_calibration_too(product_i
     assert [error.source for error in skipped] == [str(bad)] and model.n_training_images_ == 5
     with pytest.raises(ValueError, match="not an image"):
         PatchCore(**small_model_settings(network_precision="int8")).fit([bad, *product_images["train"][:5]])
+
+
+def test_an_ensemble_passes_the_setting_to_each_member(product_images, int8_model, test_images):
+    from patchcore import PatchCoreEnsemble
+
+    settings = {k: v for k, v in small_model_settings(network_precision="int8").items() if k != "backbone"}
+    ensemble = PatchCoreEnsemble(["efficientnet_lite0"], settings).fit(product_images["train"])
+    member = ensemble.members_[0]
+    assert member.network_.graph_bytes() == int8_model.network_.graph_bytes()
+    np.testing.assert_array_equal(member.memory_bank_, int8_model.memory_bank_)
