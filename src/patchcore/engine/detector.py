@@ -64,13 +64,16 @@ def embed_batches(
     batches = iterate_batches(sources, transform, batch_size, on_error=on_error, keep_images=keep_images, augment=augment)
     copies = 1 if augment is None else augment.copies
     runs = 0
-    with tqdm(total=len(sources) * copies, desc=description, unit="img", disable=not progress) as bar:
-        for batch in batches:
-            yield batch, embedding(batch.pixels)
-            runs += 1
-            bar.update(len(batch.names))
-    if runs > 1 and isinstance(embedding, TiledEmbedding):
-        embedding.release_memory()  # what follows a long call (metrics, coreset) need not sit beside it
+    try:
+        with tqdm(total=len(sources) * copies, desc=description, unit="img", disable=not progress) as bar:
+            for batch in batches:
+                features = embedding(batch.pixels)
+                runs += 1
+                yield batch, features
+                bar.update(len(batch.names))
+    finally:  # also when the caller stops early or closes the generator after its last batch
+        if runs > 1 and isinstance(embedding, TiledEmbedding):
+            embedding.release_memory()  # what follows a long call (metrics, coreset) need not sit beside it
 
 
 def photo_grid(features: np.ndarray, placement: Placement) -> np.ndarray:
