@@ -192,8 +192,12 @@ class InputTransform:
             array = np.pad(array, ((0, input_size[0] - content[0]), (0, input_size[1] - content[1]), (0, 0)), mode="edge")
         mean = np.float32(255.0) * np.asarray(self.mean, dtype=np.float32)
         scale = np.float32(1.0) / (np.float32(255.0) * np.asarray(self.std, dtype=np.float32))
-        pixels = (array.astype(np.float32) - mean) * scale  # (H, W, 3)
-        return np.ascontiguousarray(pixels.transpose(2, 0, 1)), Placement((height, width), box, content, input_size, self.cell)
+        # Channels first while still 8-bit (a quarter of the bytes to move), then two passes in
+        # place: the same arithmetic, element by element, as (pixels - mean) * scale.
+        pixels = np.ascontiguousarray(array.transpose(2, 0, 1)).astype(np.float32)
+        pixels -= mean[:, None, None]
+        pixels *= scale[:, None, None]
+        return pixels, Placement((height, width), box, content, input_size, self.cell)
 
 
 def tile_starts(length: int, tile: int, overlap: int, multiple: int) -> list[int]:
