@@ -50,6 +50,8 @@ DEFAULT_CANDIDATES: tuple[dict[str, Any], ...] = (
     {"backbone": "efficientnet_lite2", "resize": 448},
     {"backbone": "efficientnet_lite2", "resize": 512},
     {"backbone": "efficientnet_lite2", "resize": 512, "tile_size": 384},
+    # Patches finer than the photo's own pixels: macaroni1 (750x500) reached 98.5 image AUROC at 640.
+    {"backbone": "efficientnet_lite2", "resize": 640},
     # The image score from the mean of the top 1% of patch scores rather than the largest one.
     {"backbone": "efficientnet_lite2", "resize": 384, "aggregation": "top1%"},
     # The bank also filled from mirrored and half-turned copies: for parts that come in any orientation.
