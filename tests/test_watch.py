@@ -144,6 +144,23 @@ def _rows(output: Path, **filters) -> list[Inspection]:
     with History(output / "history.db") as history:
         return history.inspections(limit=None, newest_first=False, **filters)
 
+def _restart_scores_the_rest(model, inbox: Path, out: Path, count: int, recorded: list) -> list:
+    """After a stop: the ``recorded`` rows are whole (score, verdict, overlay written); a restart
+    scores the rest of the ``count`` photos, each once, and sorts every photo out of the inbox
+    (those whose move the stop cut off included). The rows after the restart."""
+    assert recorded
+    for row in recorded:
+        assert row.score is not None and row.verdict in ("ok", "ng") and Path(row.overlay_path).is_file()
+    with Running(model, inbox, out, sort=("ok", "ng")) as run:
+        run.wait_for_results(count - len(recorded))
+        summary = run.stop()
+    rows = _rows(out)
+    assert sorted(Path(r.photo_path).name for r in rows) == [f"photo_{i:02d}.png" for i in range(count)]
+    assert summary.scored == count - len(recorded)
+    assert list(inbox.iterdir()) == []
+    return rows
+
+
 
 def test_photos_landing_are_scored_once_recorded_and_drawn(models, inbox, tmp_path):
     out = tmp_path / "out"
@@ -410,18 +427,7 @@ def test_a_signal_stops_watch_cleanly_and_a_restart_takes_up_the_rest(models, in
     assert "watched" in stdout and "latency from complete to recorded" in stdout  # the run's figures
     assert not list(tmp_path.rglob("*.tmp"))
     # Every record is whole, its overlay written, and its photo moved (or left for the restart to move).
-    recorded = _rows(out)
-    assert recorded
-    for row in recorded:
-        assert row.score is not None and row.verdict in ("ok", "ng") and Path(row.overlay_path).is_file()
-    # A restart scores the rest, each photo once.
-    with Running(models["rated"], inbox, out, sort=("ok", "ng")) as run:
-        run.wait_for_results(count - len(recorded))
-        summary = run.stop()
-    rows = _rows(out)
-    assert sorted(Path(r.photo_path).name for r in rows) == sorted(f"photo_{i:02d}.png" for i in range(count))
-    assert summary.scored == count - len(recorded)
-    assert list(inbox.iterdir()) == []
+    _restart_scores_the_rest(models["rated"], inbox, out, count, _rows(out))
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
@@ -442,15 +448,6 @@ def test_a_crash_loses_no_verdict_and_a_restart_scores_each_photo_once(models, i
 
             assert connection.execute(text("PRAGMA integrity_check")).scalar_one() == "ok"
         recorded = history.inspections(limit=None)
-    assert recorded
-    for row in recorded:
-        assert row.score is not None and row.verdict in ("ok", "ng") and Path(row.overlay_path).is_file()
-    with Running(models["rated"], inbox, out, sort=("ok", "ng")) as run:
-        run.wait_for_results(count - len(recorded))
-        summary = run.stop()
-    rows = _rows(out)
-    assert sorted(Path(r.photo_path).name for r in rows) == [f"photo_{i:02d}.png" for i in range(count)]
-    assert summary.scored == count - len(recorded)
-    assert list(inbox.iterdir()) == []  # every photo sorted, those whose move the crash cut off included
+    rows = _restart_scores_the_rest(models["rated"], inbox, out, count, recorded)
     for row in rows:
         assert file_sha256(row.stored_path) == row.photo_sha256
