@@ -107,7 +107,7 @@ def evaluate_dataset(model, dataset: Dataset, output: Path | None, eval_size: in
                 mask = resize_mask(mask, (eval_size, eval_size))
             pixels.add(mask, amap)
         del amap, mask
-    predictions.close()
+    next(predictions, None)  # none left: running the predictions to their end hands the network's memory back
 
     both_classes = 0 < labels.sum() < labels.size
     result: dict[str, Any] = {
