@@ -66,24 +66,25 @@ def fraction(text: str) -> float:
     return value
 
 
-def augment(text: str) -> str:
-    from ..engine.augmentation import parse_augment  # numpy: only when the option is given
-
+def _checked_by(parse, text: str) -> str:
+    """``text`` lower-cased once the engine's own ``parse`` accepts it; its error as argparse's."""
     try:
-        parse_augment(text)
+        parse(text)
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
     return text.strip().lower()
+
+
+def augment(text: str) -> str:
+    from ..engine.augmentation import parse_augment  # numpy: only when the option is given
+
+    return _checked_by(parse_augment, text)
 
 
 def aggregation(text: str) -> str:
     from ..engine.scoring import parse_aggregation  # scipy: only when the option is given
 
-    try:
-        parse_aggregation(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-    return text.strip().lower()
+    return _checked_by(parse_aggregation, text)
 
 
 def names(text: str) -> list[str]:

@@ -18,6 +18,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import ImageLoadError
 from . import png_decoding
+from .augmentation import Augmenter
 from .geometry import Placement
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
@@ -371,7 +372,7 @@ def iterate_batches(
     workers: int = 2,
     on_error: Callable[[ImageLoadError], None] | None = None,
     keep_images: bool = False,
-    augment: Callable[[np.ndarray, Placement], list[tuple[np.ndarray, Placement]]] | None = None,
+    augment: Augmenter | None = None,
 ) -> Iterator[LoadedBatch]:
     """Decode and transform images in background threads, yielding them in order, in batches.
 
@@ -406,7 +407,7 @@ def iterate_batches(
     pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="patchcore-decode")
     pending: deque = deque()
     # Keep two batches in flight: enough to hide decoding, bounded in memory.
-    in_flight = 2 * batch_size if augment is None else max(1, -(-2 * batch_size // max(1, getattr(augment, "copies", 1))))
+    in_flight = 2 * batch_size if augment is None else max(1, -(-2 * batch_size // augment.copies))
     try:
         items = enumerate(sources)
         batch: list = []
