@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .options import (SkippedImages, add_false_positive_options, add_model_options, add_skip_option, cli_event,
-                      model_from_args)
+from .options import (SkippedImages, add_false_positive_options, add_model_options, add_ray_options, add_skip_option,
+                      cli_event, model_from_args)
 from .tune import add_tuning_options, fit_and_save, tune_from_args
 
 
@@ -24,11 +24,18 @@ def add_parser(commands) -> None:
                         help="choose the settings first, as 'patchcore tune' does: from held-out good photos with "
                              "synthetic defects, within the tuning limits below (model options given are held fixed)")
     add_tuning_options(parser)
+    add_ray_options(parser, "fit on Ray: a local Ray, or the cluster at ADDRESS ('auto': the one this machine is in); "
+                            "TRAIN may also be file-system URIs that pyarrow reads (s3://bucket/folder); workers turn "
+                            "chunks of photos into patches and keep each chunk's coreset, this machine merges them",
+                    "actors, each holding the network once")
     parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
     if args.auto:
+        if args.ray is not None:
+            raise ValueError("--auto tunes on this machine: run 'patchcore tune' (or fit --auto) here, then fit its "
+                             "chosen settings with --ray")
         if args.skip_bad_images:
             raise ValueError("--auto does not skip bad images: remove them, or fit without --auto")
         skipped = None
@@ -36,7 +43,13 @@ def run(args: argparse.Namespace) -> int:
         model = fit_and_save(args, result, base, limits)
     else:
         skipped = SkippedImages() if args.skip_bad_images else None
-        model = model_from_args(args).fit(args.train, on_error=skipped)
+        if args.ray is not None:
+            from ..fleet.distributed_fit import fit_on_ray
+
+            model = fit_on_ray(model_from_args(args), args.train, address=args.ray or None, workers=args.workers,
+                               cpus_per_worker=args.cpus_per_worker, on_error=skipped)
+        else:
+            model = model_from_args(args).fit(args.train, on_error=skipped)
         if args.calibrate:
             model.calibrate_threshold(args.calibrate, args.max_fpr, args.max_pixel_fpr)
         model.save(args.output, event=cli_event("fit"))

@@ -228,6 +228,14 @@ class SkippedImages:
         print(f"warning: skipped {error}", file=sys.stderr)
 
 
+def add_ray_options(parser: argparse.ArgumentParser, ray_help: str, workers_help: str) -> None:
+    """``--ray [ADDRESS]``, ``--workers`` and ``--cpus-per-worker``: the command's work on Ray."""
+    fleet = parser.add_argument_group("Ray (many images on many workers)")
+    fleet.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS", help=ray_help)
+    fleet.add_argument("--workers", type=positive_int, default=2, help=f"with --ray: {workers_help} (default: 2)")
+    fleet.add_argument("--cpus-per-worker", type=positive_int, default=1, help="with --ray: cores per actor (default: 1)")
+
+
 def add_runtime_options(parser: argparse.ArgumentParser) -> None:
     """``--device`` and ``--threads`` for commands that run a saved or exported model."""
     parser.add_argument("--device", choices=DEVICES, default=None,

@@ -19,7 +19,7 @@ from ..engine.persistence import model_sha256
 from ..engine.prediction import Prediction
 from ..engine.scores_file import ScoresFile
 from ..errors import ImageLoadError
-from .options import SkippedImages, add_runtime_options, positive_int, use_device
+from .options import SkippedImages, add_ray_options, add_runtime_options, positive_int, use_device
 
 
 def add_parser(commands) -> None:
@@ -36,13 +36,10 @@ def add_parser(commands) -> None:
                         help="for the N most anomalous patches of each image, the nearest normal patch of the training "
                              "images: evidence.json and evidence/ crops (default: 0, none)")
     add_runtime_options(parser)
-    fleet = parser.add_argument_group("Ray (many images on many workers)")
-    fleet.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
-                       help="score on Ray: a local Ray, or the cluster at ADDRESS ('auto': the one this machine is in); "
+    add_ray_options(parser, "score on Ray: a local Ray, or the cluster at ADDRESS ('auto': the one this machine is in); "
                             "results are appended to OUT/scores.csv as they finish; a rerun skips the images scored there and "
-                            "scores the failed ones again (the file must hold this model's scores)")
-    fleet.add_argument("--workers", type=positive_int, default=2, help="with --ray: actors, each loading the model once (default: 2)")
-    fleet.add_argument("--cpus-per-worker", type=positive_int, default=1, help="with --ray: cores per actor (default: 1)")
+                            "scores the failed ones again (the file must hold this model's scores)",
+                    "actors, each loading the model once")
     parser.set_defaults(handler=run)
 
 

@@ -303,6 +303,11 @@ class ValidRows:
         self._starts: list[np.ndarray] = []  # store row of each run
         self._lengths: list[np.ndarray] = []
         self._rows = 0
+        self._image_starts: list[int] = []  # first valid row of each image
+        self.image_sizes: list = []  # as PatchStore's
+        self.image_views: list = []
+        self.image_keys: list[tuple[int, int]] = []
+        self.photo_count = 0
         self._index: tuple[np.ndarray, np.ndarray] | None = None
 
     @property
@@ -336,6 +341,7 @@ class ValidRows:
         starts, ends = np.flatnonzero(steps == 1), np.flatnonzero(steps == -1)
         self._starts.append(first + starts)
         self._lengths.append(ends - starts)
+        self._image_starts.append(self._rows)
         self._rows += int(flat.sum())
         self._index = None
 
@@ -364,6 +370,11 @@ class ValidRows:
 
     def take(self, rows: np.ndarray) -> np.ndarray:
         return self.store.take(self.store_rows(rows))
+
+    def image_rows(self, image: int) -> tuple[int, int]:
+        """The valid rows ``(start, stop)`` of the ``image``-th grid appended."""
+        stop = self._image_starts[image + 1] if image + 1 < len(self._image_starts) else self._rows
+        return self._image_starts[image], stop
 
     def origins(self, rows: np.ndarray) -> np.ndarray:
         """``(image index, row, column)`` of valid rows, as :meth:`PatchStore.origins`."""

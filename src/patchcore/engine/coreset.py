@@ -15,6 +15,7 @@ the projected points plus a few numbers per point.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 from threadpoolctl import threadpool_limits
@@ -31,6 +32,49 @@ EXACT_LIMIT = 250_000
 #: share, then once more over the union of the chunks' picks.
 CHUNK_SIZE = 50_000
 OVERSAMPLING = 2.0
+
+
+@dataclass(frozen=True)
+class Chunking:
+    """When and how the greedy coreset runs in chunks (a chunked fit, on one machine or on Ray).
+
+    Above ``exact_limit`` training patches a fit runs greedy per chunk of about ``chunk_size``
+    patches (whole photos: :mod:`.chunks`), keeping ``oversampling`` times the chunk's share,
+    then once more over the union of the chunks' picks. A fit on Ray always chunks.
+    """
+
+    exact_limit: int = EXACT_LIMIT
+    chunk_size: int = CHUNK_SIZE
+    oversampling: float = OVERSAMPLING
+
+    def __post_init__(self) -> None:
+        if self.chunk_size < 1:
+            raise ValueError(f"chunk_size must be at least 1, got {self.chunk_size}")
+        if self.oversampling < 1:
+            raise ValueError(f"oversampling must be at least 1, got {self.oversampling}")
+
+
+def chunk_share(rows: int, photos: int, total_photos: int, ratio: float, max_size: int | None,
+                oversampling: float = OVERSAMPLING) -> int:
+    """How many of a chunk's ``rows`` patches (from ``photos`` of ``total_photos`` photos) greedy keeps
+    for the union: ``oversampling`` times its share of the bank, the ratio of its patches or, when the
+    bank's cap binds, its photos' share of the cap. Known from the chunk alone, so that chunks can be
+    reduced before the total number of patches is known (on Ray, as they finish)."""
+    share = rows * ratio
+    if max_size is not None:
+        share = min(share, max_size * photos / total_photos)
+    return max(1, min(rows, int(math.ceil(share * oversampling))))
+
+
+def chunk_picks(rows: np.ndarray, share: int, matrix: np.ndarray | None, threads: int = 1) -> np.ndarray:
+    """Indices (ascending) of the ``share`` rows of one chunk that greedy keeps for the union."""
+    return np.sort(farthest_point_order(projected(rows, matrix), share, threads=threads))
+
+
+def merge_picks(union: np.ndarray, n_select: int, matrix: np.ndarray | None, progress: bool = False,
+                threads: int = 1) -> np.ndarray:
+    """Indices of the ``n_select`` rows of the chunks' union (in chunk order) kept, in the order chosen."""
+    return farthest_point_order(projected(union, matrix), min(n_select, len(union)), progress=progress, threads=threads)
 
 
 def coreset_size(n_points: int, ratio: float, max_size: int | None = None) -> int:
@@ -113,13 +157,12 @@ def select_coreset(
     picks, picked_rows = [], []
     for start in tqdm(range(0, n_points, chunk_size), desc="coreset chunks", unit="chunk", disable=not progress):
         rows = source.read(start, start + chunk_size)
-        share = min(len(rows), int(math.ceil(len(rows) * n_select / n_points * OVERSAMPLING)))
-        local = np.sort(farthest_point_order(projected(rows, matrix), share, threads=threads))
+        # Each row its own "photo": the chunk's share of the bank is its share of the rows.
+        local = chunk_picks(rows, chunk_share(len(rows), len(rows), n_points, n_select / n_points, None), matrix, threads)
         picks.append(start + local)
         picked_rows.append(rows[local])  # the union's rows, without reading the source again
     union = np.concatenate(picks)  # sorted: chunks are consecutive
-    return union[farthest_point_order(projected(np.concatenate(picked_rows), matrix), n_select, progress=progress,
-                                      threads=threads)]
+    return union[merge_picks(np.concatenate(picked_rows), n_select, matrix, progress, threads)]
 
 
 def greedy_coreset(

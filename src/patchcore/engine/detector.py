@@ -93,15 +93,17 @@ def training_store(width: int, augment: Augmenter | None, directory) -> PatchSto
 
 
 def store_image(store: PatchStore | ValidRows, name: str, features: np.ndarray, placement: Placement,
-                sizes: list, views: list) -> None:
-    """Append one input's cells that show its photo to ``store``, and its size and view to the lists."""
+                key: tuple[int, int]) -> None:
+    """Append one input's cells that show its photo to ``store``, with its photo's size, its view and
+    its ``key`` (photo position, copy)."""
     grid = photo_grid(features, placement)
     if isinstance(store, ValidRows):
         store.append_image(name, grid, valid_cells(placement))
     else:
         store.append_image(name, grid)
-    sizes.append(list(placement.image_size))
-    views.append(view_record(placement))
+    store.image_sizes.append(list(placement.image_size))
+    store.image_views.append(view_record(placement))
+    store.image_keys.append(tuple(key))
 
 
 def training_records(names: list[str], sizes: list, views: list) -> list[dict]:
@@ -417,13 +419,11 @@ class Detector:
         # The model's augmentation applies to what it is taught too: the copies of each new photo.
         augment = augmenter(settings.augment, self.transform_)
         with training_store(self.memory_bank_.shape[1], augment, settings.scratch_dir) as store:
-            sizes: list = []
-            views: list = []
             for batch, features in embed_batches(sources, self.transform_, self.embedding_, settings.batch_size,
                                                  description="teach-in", progress=settings.progress, on_error=on_error,
                                                  augment=augment):
                 for i, name in enumerate(batch.names):
-                    store_image(store, name, features[i], batch.placements[i], sizes, views)
+                    store_image(store, name, features[i], batch.placements[i], batch.keys[i])
             if not len(store):
                 raise ValueError("no usable images to add: every image was skipped")
             candidates = store.read(0, len(store))
@@ -431,7 +431,7 @@ class Detector:
             picks = continue_greedy(self.memory_bank_, candidates, wanted if room is None else min(wanted, room),
                                     settings.projection_dim, settings.seed)
             origins = store.origins(picks)
-            records = training_records(store.image_names, sizes, views)
+            records = training_records(store.image_names, store.image_sizes, store.image_views)
         origins[:, 0] += first_image
         bank = np.concatenate([self.memory_bank_, candidates[picks]])
         old_origins = self.memory_bank_origin_

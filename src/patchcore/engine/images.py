@@ -23,8 +23,20 @@ from .geometry import Placement
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
 
+
+@dataclass(frozen=True)
+class FetchedImage:
+    """An image file that is not on this machine's disk, read when it is decoded: ``fetch()``
+    returns the file's bytes, ``name`` (its address, e.g. an ``s3://`` URI) names it in results
+    and errors. Lets a Ray worker read photos from any file system without the engine knowing
+    of it (``fetch`` must be picklable to travel: a module-level function or a ``partial``)."""
+
+    name: str
+    fetch: Callable[[], bytes]
+
+
 #: What ``fit`` and ``predict`` accept as one image.
-ImageSource = Union[str, os.PathLike, Image.Image, np.ndarray]
+ImageSource = Union[str, os.PathLike, Image.Image, np.ndarray, FetchedImage]
 
 
 def list_images(folder: str | os.PathLike) -> list[Path]:
@@ -60,7 +72,7 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
 
 def expand_sources(images: ImageSource | Iterable[ImageSource]) -> list[ImageSource]:
     """Flatten one image, a folder, or a list of both into a list of single image sources."""
-    if isinstance(images, (str, os.PathLike, Image.Image, np.ndarray)):
+    if isinstance(images, (str, os.PathLike, Image.Image, np.ndarray, FetchedImage)):
         images = [images]
     sources: list[ImageSource] = []
     for item in images:
@@ -77,6 +89,8 @@ def source_name(source: ImageSource | bytes, position: int) -> str:
     """A name for error messages and result tables: the path, or ``<image N>``."""
     if isinstance(source, (str, os.PathLike)):
         return str(source)
+    if isinstance(source, FetchedImage):
+        return source.name
     return getattr(source, "filename", None) or f"<image {position}>"
 
 
@@ -256,6 +270,11 @@ def read_image(
     accepted formats and errors in the header are checked as for every other image.
     """
     name = name or source_name(source, position)
+    if isinstance(source, FetchedImage):
+        try:
+            source = source.fetch()
+        except Exception as exc:  # any file system's failure to deliver the file: a bad image
+            raise ImageLoadError(name, f"could not be read ({type(exc).__name__}: {exc})") from None
     if isinstance(source, (np.ndarray, Image.Image)):
         try:
             if isinstance(source, np.ndarray):
@@ -363,6 +382,8 @@ class LoadedBatch:
     placements: list[Placement]
     #: The decoded photos (only when asked for), else ``None`` each.
     images: list[Image.Image | None]
+    #: Of each input: (its source's position in the list, which copy of it: 0 the photo itself).
+    keys: list[tuple[int, int]]
 
 
 def iterate_batches(
@@ -401,8 +422,8 @@ def iterate_batches(
             raise ImageLoadError(source_name(source, position), str(exc)) from exc
         name, kept = source_name(source, position), image if keep_images else None
         if augment is None:
-            return name, pixels, placement, kept
-        return [(name, copy, where, kept) for copy, where in augment(pixels, placement)]
+            return name, pixels, placement, kept, (position, 0)
+        return [(name, copy, where, kept, (position, number)) for number, (copy, where) in enumerate(augment(pixels, placement))]
 
     pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="patchcore-decode")
     pending: deque = deque()
@@ -452,5 +473,5 @@ def iterate_batches(
 
 
 def _collate(items: list) -> LoadedBatch:
-    names, pixels, placements, images = zip(*items)
-    return LoadedBatch(list(names), np.stack(pixels), list(placements), list(images))
+    names, pixels, placements, images, keys = zip(*items)
+    return LoadedBatch(list(names), np.stack(pixels), list(placements), list(images), list(keys))

@@ -15,7 +15,9 @@ from ..errors import ModelFormatError, NotFittedError
 from . import network_cache, persistence
 from .approximate_search import KINDS as APPROXIMATE_KINDS
 from .backbone_specs import BackboneSpec, resolve_spec
-from .coreset import SAMPLERS, coreset_size, select_coreset
+from .chunks import CoresetSettings, MergedBank, merge_chunks, reduce_store
+from .coreset import SAMPLERS, Chunking, coreset_size, select_coreset
+from .cpus import free_cpus
 from .augmentation import ValidRows, augmenter, parse_augment
 from .detector import Detector, embed_batches, store_image, training_records, training_store
 from .devices import wants_cuda
@@ -358,29 +360,18 @@ class PatchCore(EstimatorParams, Detector):
         the two steps are public so that experiments can study the patches themselves.
         """
         self._validate_settings()
-        timings: dict[str, float] = {}
         sources = expand_sources(images)
-        if not hasattr(self, "embedding_"):
-            started = time.perf_counter()
-            spec = resolve_spec(self.backbone, self.layers, self.feature_location)
-            graph, torch_network = self._patch_graph(spec)
-            if self.network_precision == "int8":  # every patch, of the bank and of later photos, from this graph
-                quantize_started = time.perf_counter()
-                graph, torch_network = self._int8_graph(spec, graph, sources, on_error is not None), None
-                timings["quantize"] = time.perf_counter() - quantize_started
-            self._build(spec, graph, torch_network)
-            timings["backbone_load"] = time.perf_counter() - started - timings.get("quantize", 0.0)
+        timings = self.prepare_network(sources, skip_unreadable=on_error is not None)
         started = time.perf_counter()
         # With augment, each photo's copies are made as it is decoded and stored as images of their own.
         augment = augmenter(self.augment, self.transform_)
         store = training_store(self.network_.width, augment, self.scratch_dir)
-        sizes: list = []
-        views: list = []
+        store.photo_count = len(sources)
         try:
             for batch, features in embed_batches(sources, self.transform_, self.embedding_, self.batch_size,
                                                  progress=self.progress, on_error=on_error, augment=augment):
-                for name, grid, placement in zip(batch.names, features, batch.placements):
-                    store_image(store, name, grid, placement, sizes, views)
+                for name, grid, placement, key in zip(batch.names, features, batch.placements, batch.keys):
+                    store_image(store, name, grid, placement, key)
         except BaseException:
             store.close()
             raise
@@ -388,41 +379,85 @@ class PatchCore(EstimatorParams, Detector):
             store.close()
             raise ValueError("no usable training images: every image was skipped")
         timings["features"] = time.perf_counter() - started
-        store.image_sizes = sizes
-        store.image_views = views
         self.extract_timings_ = timings
         return store
 
-    def fit_patches(self, patches: PatchStore | ValidRows | np.ndarray) -> "PatchCore":
+    def prepare_network(self, sources: list, skip_unreadable: bool = False) -> dict[str, float]:
+        """Set up the backbone's network for the settings, unless done already (int8: calibrated on
+        ``sources``, leaving out those that cannot be read when ``skip_unreadable``); returns the
+        seconds it took, by step. The first step of :meth:`extract_patches`."""
+        timings: dict[str, float] = {}
+        if not hasattr(self, "embedding_"):
+            started = time.perf_counter()
+            spec = resolve_spec(self.backbone, self.layers, self.feature_location)
+            graph, torch_network = self._patch_graph(spec)
+            if self.network_precision == "int8":  # every patch, of the bank and of later photos, from this graph
+                quantize_started = time.perf_counter()
+                graph, torch_network = self._int8_graph(spec, graph, sources, skip_unreadable), None
+                timings["quantize"] = time.perf_counter() - quantize_started
+            self._build(spec, graph, torch_network)
+            timings["backbone_load"] = time.perf_counter() - started - timings.get("quantize", 0.0)
+        return timings
+
+    def build_network(self, spec: BackboneSpec, graph: PatchGraph) -> None:
+        """Set up the network from a graph made elsewhere (a Ray worker, from the driver's graph)."""
+        self._validate_settings()
+        self._build(spec, graph)
+
+    def fit_patches(self, patches: PatchStore | ValidRows | np.ndarray, chunking: Chunking = Chunking()) -> "PatchCore":
         """Choose the memory bank from training patches made by :meth:`extract_patches` (or a
-        plain feature matrix, whose rows then have no training image to point back to)."""
+        plain feature matrix, whose rows then have no training image to point back to).
+
+        ``chunking``: above ``chunking.exact_limit`` patches the greedy coreset runs per chunk of
+        photos, then over the union of the chunks' picks (:mod:`.chunks`): the bank a fit on Ray
+        with the same chunking chooses (:mod:`patchcore.fleet.distributed_fit`).
+        """
         self._validate_settings()
         if not hasattr(self, "embedding_"):
             raise NotFittedError("fit_patches needs the backbone: call extract_patches(images) first")
         source = ArrayRows(patches) if isinstance(patches, np.ndarray) else patches
         timings = dict(self.extract_timings_) if hasattr(self, "extract_timings_") else {}
         started = time.perf_counter()
-        n_select = coreset_size(len(source), self.coreset_ratio, self.max_bank_size)
-        kept = select_coreset(source, n_select, self.sampler, self.projection_dim, self.seed, self.progress)
-        timings["coreset"] = time.perf_counter() - started
-        self.n_training_patches_ = len(source)
-        self.coreset_indices_ = np.sort(kept)
-        started = time.perf_counter()
-        self._set_memory_bank(source.take(self.coreset_indices_))
-        self._start_bank_state()
-        timings["index"] = time.perf_counter() - started
         from_images = isinstance(source, (PatchStore, ValidRows))
-        self.n_training_images_ = None
-        if from_images:  # where each bank vector came from (a photo, or a copy of one): evidence for verdicts
-            views = getattr(source, "image_views", None) or [None] * len(source.image_names)
-            self.training_images_ = training_records(source.image_names, source.image_sizes, views)
-            self.memory_bank_origin_ = source.origins(self.coreset_indices_)
-            self.n_training_images_ = sum(1 for record in self.training_images_ if "view" not in record)
-        # Patch scores of good training patches: the scale of "normal", for comparing models.
+        if from_images and self.sampler == "greedy" and len(source) > chunking.exact_limit:
+            chunk_coresets = reduce_store(source, self.coreset_settings(), chunking, REFERENCE_PATCHES, free_cpus())
+            merged = merge_chunks(chunk_coresets, self.coreset_settings(), self.progress, free_cpus())
+            timings["coreset"] = time.perf_counter() - started
+            return self.set_fitted_bank(merged, timings)
+        n_select = coreset_size(len(source), self.coreset_ratio, self.max_bank_size)
+        kept = np.sort(select_coreset(source, n_select, self.sampler, self.projection_dim, self.seed, self.progress,
+                                      chunking.exact_limit, chunking.chunk_size))
+        timings["coreset"] = time.perf_counter() - started
+        # The reference: a seeded sample of the training patches (the scale of "normal").
         rng = np.random.default_rng(self.seed)
         reference = source.take(np.sort(rng.choice(len(source), min(len(source), REFERENCE_PATCHES), replace=False)))
-        reference_scores = self.score_patches(reference)[0]
-        self.search_recall_ = self.search_recall(reference)
+        images = None
+        if from_images:
+            images = training_records(source.image_names, source.image_sizes, source.image_views)
+        return self.set_fitted_bank(MergedBank(source.take(kept), source.origins(kept) if from_images else None, kept,
+                                               images, len(source), reference), timings)
+
+    def coreset_settings(self) -> CoresetSettings:
+        """The settings the coreset of a chunked fit reads."""
+        return CoresetSettings(self.coreset_ratio, self.max_bank_size, self.projection_dim, self.seed)
+
+    def set_fitted_bank(self, bank: MergedBank, timings: dict[str, float]) -> "PatchCore":
+        """End a fit with the bank chosen (here, or by Ray workers and their driver): the index,
+        the training images it points back to, and the scale of normal patch scores. Returns self."""
+        started = time.perf_counter()
+        self.n_training_patches_ = bank.n_patches
+        self.coreset_indices_ = np.asarray(bank.indices)
+        self._set_memory_bank(bank.memory_bank)
+        self._start_bank_state()
+        timings["index"] = time.perf_counter() - started
+        self.n_training_images_ = None
+        if bank.images is not None:  # where each bank vector came from (a photo, or a copy of one): evidence for verdicts
+            self.training_images_ = bank.images
+            self.memory_bank_origin_ = np.asarray(bank.origins, dtype=np.int32)
+            self.n_training_images_ = sum(1 for record in self.training_images_ if "view" not in record)
+        # Patch scores of good training patches: the scale of "normal", for comparing models.
+        reference_scores = self.score_patches(bank.reference)[0]
+        self.search_recall_ = self.search_recall(bank.reference)
         self.normal_patch_score_mean_ = float(reference_scores.mean())
         self.normal_patch_score_std_ = float(max(reference_scores.std(), 1e-12))
         self.fit_timings_ = timings

@@ -40,6 +40,12 @@ class PatchStore:
         self._starts: list[int] = []  # first row of each image
         self._columns: list[int] = []  # grid columns of each image
         self.image_names: list[str] = []
+        # What a fit records beside the patches (:meth:`PatchCore.extract_patches`): each image's
+        # photo size, copy (view), and (photo position, copy) key; the number of photos given.
+        self.image_sizes: list = []
+        self.image_views: list = []
+        self.image_keys: list[tuple[int, int]] = []
+        self.photo_count = 0
 
     def __enter__(self) -> "PatchStore":
         return self
@@ -101,6 +107,11 @@ class PatchStore:
             if hi > lo:
                 out[order[lo:hi]] = self.read(start, start + READ_CHUNK)[sorted_rows[lo:hi] - start]
         return out
+
+    def image_rows(self, image: int) -> tuple[int, int]:
+        """The rows ``(start, stop)`` of the ``image``-th image appended."""
+        stop = self._starts[image + 1] if image + 1 < len(self._starts) else self._rows
+        return self._starts[image], stop
 
     def origins(self, rows: np.ndarray) -> np.ndarray:
         """``(image index, row, column)`` of the given rows, int32."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 
 def ray_module():
     """The ``ray`` module; a :class:`RuntimeError` saying how to install it when it is missing."""
@@ -21,4 +23,9 @@ def connect(address: str | None, num_cpus: int | None = None):
             ray.init(address=address, log_to_driver=False)
         else:
             ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    # The commands print their own progress; Ray Data's would repeat it in log lines and bars.
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
     return ray

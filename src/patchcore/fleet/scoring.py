@@ -96,7 +96,7 @@ def _scored_batches(model_dir, todo: list[str], overlays: Path | None, address: 
     scored = dataset.map_batches(
         Scorer, fn_constructor_kwargs={"model_dir": str(Path(model_dir).resolve()), "threads": cpus_per_worker,
                                        "overlays": str(overlays.resolve()) if overlays else None},
-        concurrency=workers, num_cpus=cpus_per_worker, batch_size=batch_size, batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=cpus_per_worker, batch_size=batch_size, batch_format="numpy",
     )
     return scored.iter_batches(batch_size=None, batch_format="numpy")
 
