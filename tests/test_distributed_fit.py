@@ -3,7 +3,6 @@ local chunked fit, a worker that dies mid-fit, bad photos, URIs and the command 
 
 import os
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest

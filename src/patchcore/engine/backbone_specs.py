@@ -8,7 +8,7 @@ Any other timm model name works as well, with the layers the user picks (resolve
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -42,6 +42,17 @@ class BackboneSpec:
     #: timm ``feature_location`` ("" = block outputs, "expansion" = inside the inverted residuals).
     feature_location: str = ""
     notes: str = field(default="", compare=False)
+
+    def to_json(self) -> dict:
+        """Plain JSON values (what saved models record), without the notes."""
+        record = asdict(self)
+        record.pop("notes")
+        return record
+
+    @classmethod
+    def from_json(cls, record: dict) -> "BackboneSpec":
+        """The inverse of :meth:`to_json` (lists back to tuples)."""
+        return cls(**{**record, **{key: tuple(record[key]) for key in ("layers", "mean", "std")}})
 
 
 def _lite(variant: int) -> BackboneSpec:

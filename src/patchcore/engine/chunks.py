@@ -127,7 +127,8 @@ def store_photo_keys(store) -> tuple[list[tuple[int, int]], int]:
 def first_photo_rows(store, keys: list[tuple[int, int]]) -> int:
     """Patches of the first photo the store holds (all its copies): what sizes the chunks."""
     first = min(position for position, _ in keys)
-    return sum(np.subtract(*store.image_rows(i)[::-1]) for i, key in enumerate(keys) if key[0] == first)
+    spans = [store.image_rows(i) for i, key in enumerate(keys) if key[0] == first]
+    return sum(stop - start for start, stop in spans)
 
 
 def reduce_chunk(store, keys: list[tuple[int, int]], chunk: int, plan: ChunkPlan, settings: CoresetSettings,
@@ -144,7 +145,8 @@ def reduce_chunk(store, keys: list[tuple[int, int]], chunk: int, plan: ChunkPlan
     rows = np.empty((int(offsets[-1]), store.width), np.float32)
     for (start, stop), at in zip(spans, offsets):
         rows[at : at + stop - start] = store.read(start, stop)
-    records = [_record(store, i) for _, _, i in images]
+    records = training_records([store.image_names[i] for _, _, i in images], [store.image_sizes[i] for _, _, i in images],
+                               [store.image_views[i] for _, _, i in images])
     width = store.width
     if not len(rows):  # every photo of the chunk was skipped
         return ChunkCoreset.empty(chunk, width, records)
@@ -159,10 +161,6 @@ def reduce_chunk(store, keys: list[tuple[int, int]], chunk: int, plan: ChunkPlan
     sample = np.sort(rng.choice(len(rows), min(len(rows), plan.reference_share(reference_patches)), replace=False))
     return ChunkCoreset(chunk, len(rows), rows[local].astype(np.float16), local.astype(np.int64), origins.astype(np.int32),
                         rows[sample].astype(np.float16), records)
-
-
-def _record(store, image: int) -> dict:
-    return training_records([store.image_names[image]], [store.image_sizes[image]], [store.image_views[image]])[0]
 
 
 def merge_chunks(chunks: Iterable[ChunkCoreset], settings: CoresetSettings, progress: bool = False,

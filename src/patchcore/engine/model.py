@@ -5,7 +5,6 @@ from __future__ import annotations
 import inspect
 import os
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -474,8 +473,7 @@ class PatchCore(EstimatorParams, Detector):
         """Write the fitted model to ``directory`` (safetensors + JSON) as its new version,
         atomically; ``event`` (``action``, ``who``) is what the directory's history records."""
         self._check_fitted()
-        spec = asdict(self.backbone_spec_)
-        spec.pop("notes", None)
+        spec = self.backbone_spec_.to_json()
         persistence.write_model(
             directory,
             settings=self.settings().to_json(),
@@ -525,10 +523,7 @@ class PatchCore(EstimatorParams, Detector):
             settings = settings.replace(progress=False, **({"threads": threads} if threads is not None else {}))
             model = cls(**vars(settings))
             state = manifest["state"]
-            spec_fields = dict(state["backbone_spec"])
-            for key in ("layers", "mean", "std"):
-                spec_fields[key] = tuple(spec_fields[key])
-            spec = BackboneSpec(**spec_fields)
+            spec = BackboneSpec.from_json(state["backbone_spec"])
             model._build(spec, *model._saved_graph(directory, spec, manifest, tensors["backbone"], paths))
             model.restore_bank(tensors["memory_bank"], state)
             model.restore_decision_state(state)

@@ -40,11 +40,10 @@ class ChunkReducer:
     def __init__(self, settings: dict, spec: dict, graph: list, plan: dict, chunking: dict, threads: int) -> None:
         import ray
 
-        fields = {**spec, **{key: tuple(spec[key]) for key in ("layers", "mean", "std")}}
         record = ModelSettings.from_json(settings, "the driver's settings")
         # The worker's own cores and temporary folder: the driver's folder may not exist here.
         self.model = PatchCore(**vars(record.replace(threads=threads, scratch_dir=None, progress=False)))
-        self.model.build_network(BackboneSpec(**fields), ray.get(graph[0]))
+        self.model.build_network(BackboneSpec.from_json(spec), ray.get(graph[0]))
         self.plan = ChunkPlan(**plan)
         self.chunking = Chunking(**chunking)
         self.threads = threads
@@ -119,7 +118,7 @@ def fit_on_ray(model: PatchCore, images: Iterable[str | os.PathLike], *, address
     # What the workers need of the network: the graph itself (and the weights where torch runs it).
     portable = replace(graph, graph=graph.graph_bytes(),
                        weights=graph.weight_arrays() if fitted.device_ != "onnxruntime" else {})
-    spec = asdict(fitted.backbone_spec_)
+    spec = fitted.backbone_spec_.to_json()
     graph_ref = ray.put(portable)  # held here until the fit ends: a restarted actor reads it again
     dataset = ray.data.from_items([{"chunk": chunk, "addresses": [addresses[p] for p in plan.photos(chunk)]}
                                    for chunk in range(plan.n_chunks)])
