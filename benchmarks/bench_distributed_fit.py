@@ -18,12 +18,11 @@ chunks = the workers' part, wall, with the seconds the workers spent on features
 chunks' coresets; merge; index), the driver's peak RSS, and whether its bank equals the local
 fit's (bit for bit).
 
-``merge``: the driver's greedy over the union of the chunks' picks choosing half of it, for unions
-of 10,000 to 80,000 patches (the union is about twice the bank: 80,000 at the 40,000 cap): what a
-cluster's merge costs as the bank grows to the cap (it follows union x bank, not the number of
-photos). The unions are drawn from bottle's real patches at the defaults (``--synthetic``:
-uniform random 168-d vectors instead, with no structure for the coreset's bounds to use: its
-worst case).
+``merge``: the driver's greedy over the union of the chunks' picks, for unions of about 10,000 to
+80,000 (the union is about twice the bank: 80,000 at the 40,000 cap): what a cluster's merge costs
+as the bank grows to the cap (it follows union x bank, not the number of photos). The unions are
+real: bottle's 481,536 patches at the defaults, reduced chunk by chunk at the ratio that gives
+each union size.
 """
 
 from __future__ import annotations
@@ -78,6 +77,9 @@ def one_way(way: str, folder: Path, bank_file: Path) -> dict:
     result["patches"] = model.n_training_patches_
     result["bank"] = len(model.memory_bank_)
     result["driver_peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    workers = {} if way == "local" else model.ray_workers_
+    result["worker_peak_rss_gb"] = max((w["peak_rss_bytes"] for w in workers.values()), default=0) / 2**30
+    result["chunks_per_worker"] = sorted(w["chunks"] for w in workers.values())
     np.save(bank_file, model.memory_bank_)
     return result
 
@@ -100,40 +102,38 @@ def fits(args: argparse.Namespace) -> None:
                                             if (scratch / "bank-local.npy").exists() else None)
             results.append(result)
             print(json.dumps(result), flush=True)
-    print("\n| way | photos | patches | wall s | Ray start s | stages (s) | driver peak RSS GB | bank = local's |")
+    print("\n| way | photos | patches | wall s | Ray start s | stages (s) | driver / worker peak RSS GB | bank = local's |")
     print("| --- | ---: | ---: | ---: | ---: | --- | ---: | --- |")
     for r in results:
         stages = ", ".join(f"{k} {v}" for k, v in r["stages"].items())
         print(f"| {r['way']} | {r['photos']} | {r['patches']} | {r['seconds']:.1f} | {r.get('ray_start', 0):.1f} | "
-              f"{stages} | {r['driver_peak_rss_gb']:.2f} | {r['same_bank_as_local']} |")
+              f"{stages} | {r['driver_peak_rss_gb']:.2f} / {r['worker_peak_rss_gb']:.2f} | {r['same_bank_as_local']} |")
 
 
 def merge(args: argparse.Namespace) -> None:
-    from patchcore.engine.coreset import merge_picks, projection_matrix
+    from patchcore import PatchCore
+    from patchcore.engine.chunks import CoresetSettings, merge_chunks, reduce_store
+    from patchcore.engine.coreset import Chunking
 
-    rng = np.random.default_rng(0)
-    if args.synthetic:
-        patches = rng.random((80_000, 168), dtype=np.float32)
-    else:
-        from patchcore import PatchCore
-
-        with PatchCore().extract_patches(sorted((BOTTLE / "train" / "good").glob("*.png"))) as store:
-            patches = store.take(np.sort(rng.choice(len(store), 80_000, replace=False)))
-    matrix = projection_matrix(patches.shape[1], 128, 0)
-    print(f"| union (picks of all chunks, {'synthetic' if args.synthetic else 'bottle'}) | bank chosen | merge s |")
-    print("| ---: | ---: | ---: |")
-    for union in (10_000, 20_000, 40_000, 80_000):
-        rows = patches[:union]
-        started = time.perf_counter()
-        merge_picks(rows, union // 2, matrix, threads=1)
-        print(f"| {union:,} | {union // 2:,} | {time.perf_counter() - started:.1f} |", flush=True)
+    print("| union (picks of all chunks) | bank chosen | chunks' greedy s (all chunks) | merge s (the driver) |")
+    print("| ---: | ---: | ---: | ---: |")
+    with PatchCore().extract_patches(sorted((BOTTLE / "train" / "good").glob("*.png"))) as store:
+        for union in (10_000, 20_000, 40_000, 80_000):
+            # The ratio whose chunks keep about `union` picks in all (each keeps twice its share).
+            settings = CoresetSettings(union / (2 * len(store)), None, 128, 0)
+            started = time.perf_counter()
+            chunks = reduce_store(store, settings, Chunking(), 0)
+            reduced = time.perf_counter() - started
+            started = time.perf_counter()
+            bank = merge_chunks(chunks, settings)
+            print(f"| {sum(len(c.picks) for c in chunks):,} | {len(bank.memory_bank):,} | {reduced:.1f} | "
+                  f"{time.perf_counter() - started:.1f} |", flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--part", choices=["fits", "merge"], default="fits")
     parser.add_argument("--copies", type=int, default=4)
-    parser.add_argument("--synthetic", action="store_true", help="merge: uniform random patches instead of bottle's")
     parser.add_argument("--ways", nargs="+", default=["local", "ray-1x2", "ray-1x1", "ray-2x1"])
     parser.add_argument("--reps", type=int, default=1)
     parser.add_argument("--scratch", default=str(Path(tempfile.gettempdir()) / "bench-distributed-fit"))

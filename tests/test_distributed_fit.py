@@ -92,6 +92,8 @@ def test_a_fit_on_ray_chooses_the_bank_of_the_local_chunked_fit(local_ray, produ
     # Three chunks of four photos, each keeping its share of the bank twice over; the merge picks the bank.
     assert fitted.n_training_patches_ == 12 * 64 and len(fitted.memory_bank_) == int(np.ceil(0.25 * 12 * 64))
     assert fitted.fit_timings_["features"] > 0 and fitted.fit_timings_["merge"] > 0
+    assert sum(w["chunks"] for w in fitted.ray_workers_.values()) == 3
+    assert sum(w["photos"] for w in fitted.ray_workers_.values()) == 12
     _assert_same_model(fitted, local, product_images["good"] + product_images["defective"])
     # The chunked bank is a different (composed) selection from the whole-set greedy one.
     whole = PatchCore(**_settings()).fit(train)

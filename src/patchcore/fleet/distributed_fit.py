@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import time
 from dataclasses import asdict, replace
 from typing import Callable, Iterable
@@ -85,7 +86,15 @@ def reduce_photos(model: PatchCore, chunk: int, addresses: list[str], plan: Chun
         if store is not None:
             store.close()
     return coreset, errors, {"features": features, "coreset": time.perf_counter() - started - features,
-                             "photos": len(addresses), "worker": os.getpid()}
+                             "photos": len(addresses), "worker": f"{socket.gethostname()}:{os.getpid()}",
+                             "peak_rss": _peak_rss_bytes()}
+
+
+def _peak_rss_bytes() -> int:
+    """This process's peak resident memory so far (the worker's, when called in one)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 def fit_on_ray(model: PatchCore, images: Iterable[str | os.PathLike], *, address: str | None = None, workers: int = 2,
@@ -100,7 +109,8 @@ def fit_on_ray(model: PatchCore, images: Iterable[str | os.PathLike], *, address
     The coreset is always the chunked one (``chunking``; greedy sampler only). ``fit_timings_``
     says where the time went: ``setup`` (the network and the first photo, on the driver),
     ``chunks`` (wall time of the workers' part) with the seconds the workers spent on
-    ``features`` and on ``chunk_coreset``, ``merge`` and ``index`` (on the driver).
+    ``features`` and on ``chunk_coreset``, ``merge`` and ``index`` (on the driver);
+    ``ray_workers_`` what each worker process did: chunks, photos and its peak resident memory.
     """
     fitted = PatchCore(**model.get_params())
     fitted._validate_settings()
@@ -129,6 +139,7 @@ def fit_on_ray(model: PatchCore, images: Iterable[str | os.PathLike], *, address
         compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=cpus_per_worker, batch_size=1, batch_format="numpy")
     chunks_started = time.perf_counter()
     coresets, worker_seconds = [], {"features": 0.0, "chunk_coreset": 0.0}
+    workers_seen: dict[str, dict] = {}
     for batch in reduced.iter_batches(batch_size=None, batch_format="numpy"):
         for chunk, payload, errors, chunk_timings in zip(batch["chunk"], batch["coreset"], batch["errors"],
                                                           batch["timings"]):
@@ -141,6 +152,10 @@ def fit_on_ray(model: PatchCore, images: Iterable[str | os.PathLike], *, address
             spent = json.loads(str(chunk_timings))
             worker_seconds["features"] += spent["features"]
             worker_seconds["chunk_coreset"] += spent["coreset"]
+            seen = workers_seen.setdefault(spent["worker"], {"chunks": 0, "photos": 0, "peak_rss_bytes": 0})
+            seen["chunks"] += 1
+            seen["photos"] += spent["photos"]
+            seen["peak_rss_bytes"] = max(seen["peak_rss_bytes"], spent["peak_rss"])
             if progress:
                 print(f"chunk {int(chunk) + 1} of {plan.n_chunks} reduced ({len(coresets)} done; {spent['photos']} photos, "
                       f"{spent['features']:.1f} s features, {spent['coreset']:.1f} s coreset)", flush=True)
@@ -150,7 +165,9 @@ def fit_on_ray(model: PatchCore, images: Iterable[str | os.PathLike], *, address
     merge_started = time.perf_counter()
     merged = merge_chunks(coresets, fitted.coreset_settings(), False, free_cpus())
     timings["merge"] = time.perf_counter() - merge_started
-    return fitted.set_fitted_bank(merged, timings)
+    fitted.set_fitted_bank(merged, timings)
+    fitted.ray_workers_ = workers_seen
+    return fitted
 
 
 def _first_photo_rows(model: PatchCore, sources: list, skip_unreadable: bool) -> int:
