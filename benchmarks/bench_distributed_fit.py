@@ -92,14 +92,14 @@ def fits(args: argparse.Namespace) -> None:
     results = []
     for rep in range(args.reps):
         for way in args.ways:
-            bank = scratch / f"bank-{way}.npy"
+            bank = scratch / f"bank-{folder.name}-{way}.npy"
             out = subprocess.run([sys.executable, __file__, "--one", way, "--folder", str(folder), "--bank", str(bank)],
                                  capture_output=True, text=True)
             if out.returncode:
                 raise SystemExit(f"{way} failed:\n{out.stderr[-3000:]}")
             result = json.loads(out.stdout.strip().splitlines()[-1])
-            result["same_bank_as_local"] = (np.array_equal(np.load(bank), np.load(scratch / "bank-local.npy"))
-                                            if (scratch / "bank-local.npy").exists() else None)
+            local = scratch / f"bank-{folder.name}-local.npy"  # None: no local fit of these photos yet
+            result["same_bank_as_local"] = np.array_equal(np.load(bank), np.load(local)) if local.exists() else None
             results.append(result)
             print(json.dumps(result), flush=True)
     print("\n| way | photos | patches | wall s | Ray start s | stages (s) | driver / worker peak RSS GB | bank = local's |")
