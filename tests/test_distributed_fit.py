@@ -164,3 +164,28 @@ def test_the_command_line_fits_on_ray_and_saves_a_model(local_ray, tmp_path, pro
     np.testing.assert_array_equal(saved.memory_bank_, local.memory_bank_)
     with pytest.raises(SystemExit):
         main(["fit", str(train), "-o", str(tmp_path / "other"), "--ray", "--workers", "0"])
+
+
+def test_turned_copies_of_oblong_photos_point_back_to_their_image(local_ray, tmp_path, product_images):
+    """Quarter turns of 64x48 photos are batched by shape, so the local store holds them out of
+    photo order: each bank vector must still name the image (photo and copy) and cell it came from."""
+    from PIL import Image
+
+    paths = []
+    for path in product_images["train"][:8]:
+        paths.append(str(tmp_path / path.name))
+        Image.open(path).crop((0, 0, 64, 48)).save(paths[-1])
+    settings = {"augment": "rot90", "coreset_ratio": 0.5, "crop": None}
+    local = _local_chunked_fit(paths, **settings)
+    with PatchCore(**_settings(**settings)).extract_patches(paths) as store:
+        assert [key[1] for key in store.image_keys[:4]] != [0, 1, 2, 3]  # copies stored out of photo order
+        for vector, (image, row, column) in zip(local.memory_bank_, local.memory_bank_origin_):
+            rows = np.arange(*store.image_rows(image))
+            cells = store.origins(rows)
+            (at,) = rows[(cells[:, 1] == row) & (cells[:, 2] == column)]
+            np.testing.assert_array_equal(vector, store.read(at, at + 1)[0])
+    fitted = _ray_fit(paths, settings=settings)
+    np.testing.assert_array_equal(fitted.memory_bank_, local.memory_bank_)
+    named = [fitted.training_images_[i] for i in fitted.memory_bank_origin_[:, 0]]
+    assert named == [local.training_images_[i] for i in local.memory_bank_origin_[:, 0]]
+    np.testing.assert_array_equal(fitted.memory_bank_origin_[:, 1:], local.memory_bank_origin_[:, 1:])

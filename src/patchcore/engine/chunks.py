@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import io
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterable
 
 import numpy as np
@@ -183,6 +183,18 @@ def merge_chunks(chunks: Iterable[ChunkCoreset], settings: CoresetSettings, prog
     return MergedBank(union[kept], union_origins[kept], union_rows[kept],
                       [record for c in chunks for record in c.images], n_patches,
                       np.concatenate([c.reference for c in chunks]).astype(np.float32))
+
+
+def in_store_order(bank: MergedBank, store) -> MergedBank:
+    """``bank`` (chosen from ``store``'s chunks, whose images it lists by photo and copy) with its
+    training images in the order ``store`` holds them, as a fit that does not chunk lists them
+    (augmented copies are stored as they are batched, by size)."""
+    keys, _ = store_photo_keys(store)
+    canonical = np.array(sorted(range(len(keys)), key=lambda i: (keys[i][0], keys[i][1], i)), dtype=np.int32)
+    origins = np.array(bank.origins, dtype=np.int32)
+    origins[:, 0] = canonical[origins[:, 0]]
+    images = training_records(store.image_names, store.image_sizes, store.image_views)
+    return replace(bank, origins=origins, images=images)
 
 
 def reduce_store(store, settings: CoresetSettings, chunking: Chunking, reference_patches: int,

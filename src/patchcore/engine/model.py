@@ -14,7 +14,7 @@ from ..errors import ModelFormatError, NotFittedError
 from . import network_cache, persistence
 from .approximate_search import KINDS as APPROXIMATE_KINDS
 from .backbone_specs import BackboneSpec, resolve_spec
-from .chunks import CoresetSettings, MergedBank, merge_chunks, reduce_store
+from .chunks import CoresetSettings, MergedBank, in_store_order, merge_chunks, reduce_store
 from .coreset import SAMPLERS, Chunking, coreset_size, select_coreset
 from .cpus import free_cpus
 from .augmentation import ValidRows, augmenter, parse_augment
@@ -422,7 +422,7 @@ class PatchCore(EstimatorParams, Detector):
             chunk_coresets = reduce_store(source, self.coreset_settings(), chunking, REFERENCE_PATCHES, free_cpus())
             merged = merge_chunks(chunk_coresets, self.coreset_settings(), self.progress, free_cpus())
             timings["coreset"] = time.perf_counter() - started
-            return self.set_fitted_bank(merged, timings)
+            return self.set_fitted_bank(in_store_order(merged, source), timings)
         n_select = coreset_size(len(source), self.coreset_ratio, self.max_bank_size)
         kept = np.sort(select_coreset(source, n_select, self.sampler, self.projection_dim, self.seed, self.progress,
                                       chunking.exact_limit, chunking.chunk_size))
