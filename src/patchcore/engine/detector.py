@@ -31,6 +31,7 @@ from .search import IDLE_CORES, MemoryBankIndex, search_threads
 from .self_calibration import (LeftOutScores, calibration_record, chosen_photos, describe_estimate, left_out_scores,
                                photo_groups, score_left_out, thresholds_from, threshold_kind)
 from .settings import ModelSettings
+from .thresholds import kept_for
 from .tiling import TiledEmbedding
 
 #: With ``search_backend="auto"``: exact search up to this many bank vectors, HNSW above. Exact
@@ -390,7 +391,7 @@ class Detector:
         predictions = self.predict(good_images, maps=False)
         sigma = self.settings().smoothing_sigma
         with search_threads(IDLE_CORES.free(self.settings().threads)):
-            found = [LeftOutScores(p.score, network_map(p.patch_scores, p.placement, sigma).ravel()) for p in predictions]
+            found = [LeftOutScores.of(p.score, network_map(p.patch_scores, p.placement, sigma)) for p in predictions]
         if not found:
             raise ValueError("no good images to calibrate on")
         threshold, pixel_threshold = thresholds_from(found, max_false_positive_rate, max_pixel_false_positive_rate)
@@ -439,10 +440,12 @@ class Detector:
         records = [self.training_images_[i] for i in images]
         placements = [self.transform_.placement(record["size"][1], record["size"][0]) for record in records]
         exact = self._exact_index()
+        # The most pixels of one photo that the pixel threshold over all of them can need.
+        keep = kept_for(sum(p.content_size[0] * p.content_size[1] for p in placements), pixel_rate)
 
         def scorer(grid: np.ndarray, placement: Placement, excluded: np.ndarray) -> LeftOutScores:
             return left_out_scores(self.index_, exact, grid, placement, excluded, settings.aggregation,
-                                   settings.reweight, settings.num_neighbours, settings.smoothing_sigma)
+                                   settings.reweight, settings.num_neighbours, settings.smoothing_sigma, keep)
 
         features = (grids or self._training_grids)(images)
         with search_threads(IDLE_CORES.free(settings.threads)):

@@ -30,18 +30,21 @@ from scipy.special import betaincinv
 from .geometry import Placement
 from .scoring import aggregated_image_score, network_map, top_patches
 from .search import MemoryBankIndex
-from .thresholds import flagging_threshold
+from .thresholds import flagging_threshold, top_values
 
 #: Candidates asked of an approximate index per patch: the nearest that did not come from the
 #: photo itself is its score (patches whose candidates all came from it are searched exactly).
-APPROXIMATE_CANDIDATES = 16
+#: On bottle, 8 left no patch without another photo's candidate (1 left 5%), at the cost of 1.
+APPROXIMATE_CANDIDATES = 8
 #: Highest patches re-measured exactly in the first round with an approximate index (twice as
 #: many each further round), as :data:`~patchcore.engine.detector.EXACT_RECHECK`.
 EXACT_RECHECK = 8
 #: Confidence of the interval printed for the false-positive rate a threshold will give.
 CONFIDENCE = 0.95
-#: Pixel-score quantiles recorded of the estimated distribution.
+#: Pixel-score quantiles recorded of the estimated distribution, over :data:`PIXEL_SAMPLE` evenly
+#: spaced pixels of each photo's map (the thresholds use every pixel).
 PIXEL_QUANTILES = (0.5, 0.9, 0.99, 0.999)
+PIXEL_SAMPLE = 1000
 #: What ``calibration`` may be: ``self`` (leave-one-photo-out at fit) or ``none``.
 CALIBRATIONS = ("self", "none")
 
@@ -89,11 +92,23 @@ def false_positive_interval(count: int, rate: float, confidence: float = CONFIDE
 
 @dataclass
 class LeftOutScores:
-    """One photo's scores with its own bank vectors left out: the image score, and its anomaly
-    map's values at network resolution (what pixel thresholds are set on)."""
+    """One photo's scores with its own bank vectors left out: the image score, and of its anomaly
+    map at network resolution (what pixel thresholds are set on) the number of pixels, the
+    highest values (as many as a threshold over all the photos can need: sorting millions of
+    pixels cost more than the scoring) and :data:`PIXEL_SAMPLE` evenly spaced values."""
 
     score: float
-    pixels: np.ndarray
+    pixel_count: int
+    top_pixels: np.ndarray
+    pixel_sample: np.ndarray
+
+    @classmethod
+    def of(cls, score: float, pixels: np.ndarray, keep: int | None = None) -> "LeftOutScores":
+        """From a photo's map values ``pixels``, keeping the ``keep`` highest (``None``: all)."""
+        pixels = np.asarray(pixels, dtype=np.float32).ravel()
+        step = max(1, pixels.size // PIXEL_SAMPLE)
+        top = pixels if keep is None else top_values(pixels, keep)
+        return cls(float(score), pixels.size, np.array(top), pixels[::step].copy())
 
 
 def left_out_patch_scores(index, exact: MemoryBankIndex, patches: np.ndarray,
@@ -127,9 +142,10 @@ def left_out_patch_scores(index, exact: MemoryBankIndex, patches: np.ndarray,
 
 
 def left_out_scores(index, exact: MemoryBankIndex, grid: np.ndarray, placement: Placement, excluded: np.ndarray,
-                    aggregation: str, reweight: bool, num_neighbours: int, sigma: float) -> LeftOutScores:
-    """A photo's image score and map values (:class:`LeftOutScores`) with the bank rows
-    ``excluded`` left out, its patch features ``grid`` ``(rows, columns, width)``."""
+                    aggregation: str, reweight: bool, num_neighbours: int, sigma: float,
+                    keep: int | None = None) -> LeftOutScores:
+    """A photo's image score and map values (:class:`LeftOutScores`, the ``keep`` highest pixels)
+    with the bank rows ``excluded`` left out, its patch features ``grid`` ``(rows, columns, width)``."""
     patches = grid.reshape(-1, grid.shape[-1])
     distances, nearest = left_out_patch_scores(index, exact, patches, excluded)
     neighbours = None
@@ -138,15 +154,15 @@ def left_out_scores(index, exact: MemoryBankIndex, grid: np.ndarray, placement: 
         neighbours = exact.search_excluding(exact.memory_bank[nearest[top]], excluded, num_neighbours)[1]
     score = aggregated_image_score(distances, nearest, patches, exact, aggregation, reweight,
                                    num_neighbours if neighbours is not None else 1, neighbours)
-    pixels = network_map(distances.reshape(grid.shape[:2]), placement, sigma).ravel()
-    return LeftOutScores(float(score), pixels)
+    return LeftOutScores.of(score, network_map(distances.reshape(grid.shape[:2]), placement, sigma), keep)
 
 
 def thresholds_from(found: list[LeftOutScores], rate: float, pixel_rate: float) -> tuple[float, float]:
     """The image and pixel thresholds that flag at most ``rate`` of the scores and ``pixel_rate``
     of the pixels of ``found``."""
-    pixels = np.concatenate([item.pixels for item in found])
-    return flagging_threshold([item.score for item in found], rate), flagging_threshold(pixels, pixel_rate)
+    pixels = np.concatenate([item.top_pixels for item in found])
+    total = sum(item.pixel_count for item in found)
+    return flagging_threshold([item.score for item in found], rate), flagging_threshold(pixels, pixel_rate, total)
 
 
 def calibration_record(method: str, names: list[str], found: list[LeftOutScores], rate: float, pixel_rate: float,
@@ -157,7 +173,7 @@ def calibration_record(method: str, names: list[str], found: list[LeftOutScores]
     false-positive rate expected of the image threshold with its interval."""
     scores = [item.score for item in found]
     expected, low, high = false_positive_interval(len(scores), rate)
-    pixels = np.concatenate([item.pixels for item in found])
+    pixels = np.concatenate([item.pixel_sample for item in found])
     record = {
         "method": method, "photos": len(scores), "names": list(names), "max_fpr": rate, "max_pixel_fpr": pixel_rate,
         "scores": [round(s, 6) for s in scores],

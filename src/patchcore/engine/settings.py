@@ -46,7 +46,7 @@ class ModelSettings:
     network_precision: str = "float32"
     search_backend: str = "auto"
     calibration: str = "self"
-    calibration_photos: int | None = 100
+    calibration_photos: int | None = 50
     max_fpr: float = 0.01
     max_pixel_fpr: float = 0.001
     batch_size: int = 4
