@@ -186,3 +186,11 @@ def test_settings_are_checked():
                          ({"max_fpr": 1.5}, r"max_fpr must be in \[0, 1\]")):
         with pytest.raises(ValueError, match=message):
             PatchCore(**bad)._validate_settings()
+
+
+def test_drift_expects_the_share_a_self_calibrated_threshold_aims_at(self_calibrated):
+    from patchcore.station.drift import expected_flagged_share
+
+    expected = expected_flagged_share(self_calibrated.threshold_source_)
+    # 12 photos cannot promise less than 1/13, which is above the 1% asked for.
+    assert expected.share == pytest.approx(1 / 13) and "on 12 good images" in expected.basis
