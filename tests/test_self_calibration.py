@@ -47,7 +47,7 @@ def test_a_default_fit_sets_thresholds_from_its_own_photos(self_calibrated, prod
     assert model.threshold_ == flagging_threshold(record["scores"], 0.01)
     assert model.threshold_ > max(record["scores"]) >= np.float32(model.threshold_) - 1e-3
     assert model.threshold_kind() == "self-calibrated from 12 training photos"
-    assert model.threshold_estimate().startswith("expected false-positive rate 7.7% (95% interval 0.2-26.5%")
+    assert model.threshold_estimate().startswith("expected false-positive rate 7.7% (95% interval 0.21-26.5%")
     # Verdicts out of the box: every defective test photo flagged, no good one.
     assert [p.is_anomalous for p in model.predict(product_images["defective"], maps=False)] == [True] * 4
     assert [p.is_anomalous for p in model.predict(product_images["good"], maps=False)] == [False] * 4

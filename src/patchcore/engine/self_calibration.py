@@ -206,7 +206,7 @@ def describe_estimate(record: dict) -> str:
     """One line for people: the expected false-positive rate of a calibration and its interval."""
     low, high = record["fpr_interval"]
     return (f"expected false-positive rate {100 * record['expected_fpr']:.1f}% ({100 * record['confidence']:.0f}% "
-            f"interval {100 * low:.1f}-{100 * high:.1f}%, order statistic of {record['photos']} good scores: "
+            f"interval {100 * low:.2f}-{100 * high:.1f}%, order statistic of {record['photos']} good scores: "
             f"Beta(k+1, n-k))")
 
 
