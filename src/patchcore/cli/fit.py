@@ -46,7 +46,7 @@ def calibration_settings(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    calibration = calibration_settings(args)
+    calibration = args.calibration_settings = calibration_settings(args)  # read by model_from_args
     if args.auto:
         if args.skip_bad_images:
             raise ValueError("--auto does not skip bad images: remove them, or fit without --auto")
@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
         model = fit_and_save(args, result, {**base, **calibration}, limits)
     else:
         skipped = SkippedImages() if args.skip_bad_images else None
-        model = model_from_args(args).set_params(**calibration).fit(args.train, on_error=skipped)
+        model = model_from_args(args).fit(args.train, on_error=skipped)
         if args.calibrate:
             model.calibrate_threshold(args.calibrate, args.max_fpr, args.max_pixel_fpr)
         model.save(args.output, event=cli_event("fit"))
