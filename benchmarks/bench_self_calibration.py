@@ -80,7 +80,7 @@ def compare(name: str, sizes: list[str]) -> list[str]:
         started = time.perf_counter()
         store = model.extract_patches(fit_files)
         try:
-            model.fit_patches(store)
+            model.fit_patches(store).calibrate_from_patches(store)
             fit_seconds = time.perf_counter() - started
             thresholds = {"self": (model.threshold_, model.calibration_)}
             model.self_calibrate_threshold(lambda images: (store.image_grid(i) for i in images), neighbours=1)

@@ -60,11 +60,12 @@ def run(args: argparse.Namespace) -> int:
             model.calibrate_threshold(args.calibrate, args.max_fpr, args.max_pixel_fpr)
         model.save(args.output, event=cli_event("fit"))
     if model.threshold_ is not None:
-        print(f"threshold {model.threshold_:.4f}, pixel threshold {model.pixel_threshold_:.4f}: {model.threshold_kind()} "
-              f"({model.threshold_source_}); {model.threshold_estimate()}")
+        print(f"threshold {model.threshold_:.4f}, pixel threshold {model.pixel_threshold_:.4f}: "
+              f"{model.threshold_kind()} ({model.threshold_source_}); {model.threshold_estimate()}")
     else:
-        why = "--no-threshold" if args.no_threshold else "self-calibration needs at least 2 training photos"
-        print(f"no threshold ({why}): scores only, no verdicts")
+        why = ("--no-threshold" if args.no_threshold else
+               "the fit did not self-calibrate: it needs 2 training photos or more")
+        print(f"no threshold ({why}): scores only, no verdicts; --calibrate GOOD sets one from held-out good photos")
     timings = ", ".join(f"{k} {v:.1f}s" for k, v in model.fit_timings_.items())
     features_mib = model.n_training_patches_ * model.memory_bank_.shape[1] * 4 / 2**20
     per_image = model.n_training_patches_ / max(1, model.n_training_images_)

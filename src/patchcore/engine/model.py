@@ -364,11 +364,13 @@ class PatchCore(EstimatorParams, Detector):
         Every fitted attribute is reset first. Memory stays bounded whatever the number of images:
         the training patches wait on disk in an anonymous temporary file (:class:`PatchStore`,
         gone when the fit ends, however it ends). A bad image raises :class:`ImageLoadError` naming
-        it, unless ``on_error`` takes it (then it is skipped).
+        it, unless ``on_error`` takes it (then it is skipped). With ``calibration="self"`` the
+        thresholds are then set from the training photos (:meth:`calibrate_from_patches`).
         """
         self._reset()
         with self.extract_patches(images, on_error) as patches:
-            return self.fit_patches(patches)
+            self.fit_patches(patches)
+            return self.calibrate_from_patches(patches)
 
     def extract_patches(self, images: ImageSource | Iterable[ImageSource],
                         on_error: ErrorHandler | None = None) -> PatchStore | ValidRows:
@@ -448,12 +450,20 @@ class PatchCore(EstimatorParams, Detector):
         self.search_recall_ = self.search_recall(reference)
         self.normal_patch_score_mean_ = float(reference_scores.mean())
         self.normal_patch_score_std_ = float(max(reference_scores.std(), 1e-12))
-        if from_images and self.calibration == "self" and len(photo_groups(self.training_images_)) >= 2:
-            # Thresholds from the stored training patches (no second pass through the network).
-            started = time.perf_counter()
-            self.self_calibrate_threshold(lambda images: (source.image_grid(i) for i in images))
-            timings["calibration"] = time.perf_counter() - started
         self.fit_timings_ = timings
+        return self
+
+    def calibrate_from_patches(self, patches: PatchStore | ValidRows) -> "PatchCore":
+        """The last step of :meth:`fit` with ``calibration="self"``: set the thresholds from the
+        training photos whose patches ``patches`` holds (those :meth:`fit_patches` just chose the
+        bank from), each left out of the bank in turn (:meth:`self_calibrate_threshold`), from the
+        stored patches: no second pass through the network. Nothing with ``calibration="none"``
+        or fewer than 2 photos. Returns self."""
+        if (self.calibration == "self" and self.memory_bank_origin_ is not None
+                and len(photo_groups(self.training_images_)) >= 2):
+            started = time.perf_counter()
+            self.self_calibrate_threshold(lambda images: (patches.image_grid(i) for i in images))
+            self.fit_timings_["calibration"] = time.perf_counter() - started
         return self
 
     def embed(self, pixels: np.ndarray) -> np.ndarray:
