@@ -16,6 +16,7 @@ from patchcore.cli.main import main
 from patchcore.engine.export import export_model
 from patchcore.engine.self_calibration import false_positive_interval, photo_groups
 from patchcore.engine.thresholds import flagging_threshold
+from patchcore.errors import ModelFormatError
 
 
 @pytest.fixture(scope="module")
@@ -194,3 +195,22 @@ def test_drift_expects_the_share_a_self_calibrated_threshold_aims_at(self_calibr
     expected = expected_flagged_share(self_calibrated.threshold_source_)
     # 12 photos cannot promise less than 1/13, which is above the 1% asked for.
     assert expected.share == pytest.approx(1 / 13) and "on 12 good images" in expected.basis
+
+
+def test_a_format_5_model_loads_without_a_calibration_record(tmp_path, product_images):
+    model = PatchCore(**small_model_settings(calibration="none")).fit(product_images["train"])
+    model.calibrate_threshold(product_images["good"])
+    model.save(tmp_path / "model")
+    path = tmp_path / "model" / "patchcore.json"
+    manifest = json.loads(path.read_text())
+    for name in ("calibration", "calibration_photos", "max_fpr", "max_pixel_fpr"):
+        manifest["settings"].pop(name)
+    manifest["state"].pop("calibration")
+    path.write_text(json.dumps({**manifest, "format_version": 5}))  # as patchcore wrote it before issue 21
+    loaded = PatchCore.load(tmp_path / "model")
+    assert loaded.settings().calibration == "none" and loaded.calibration_ is None
+    assert loaded.threshold_ == model.threshold_ and loaded.threshold_estimate() is None
+    assert loaded.threshold_kind() == "calibrated on 4 held-out good photos"  # read from its threshold source
+    with pytest.raises(ModelFormatError, match="missing calibration"):
+        path.write_text(json.dumps({**manifest, "format_version": 6}))  # a format 6 file must record them
+        PatchCore.load(tmp_path / "model")
