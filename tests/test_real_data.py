@@ -15,8 +15,14 @@ def test_mvtec_bottle_image_auroc_with_the_offline_default():
     test = sorted((MVTEC_BOTTLE / "test").glob("*/*.png"))
     labels = [0 if p.parent.name == "good" else 1 for p in test]
     model = PatchCore().fit(train)  # what a user deploys
-    scores = [p.score for p in model.predict(test, maps=False)]
+    predictions = model.predict(test, maps=False)
+    scores = [p.score for p in predictions]
     assert roc_auc_score(labels, scores) >= 0.99
+    # Verdicts out of the box (README, "Verdicts out of the box"; docs/experiments.md's "every" row):
+    # the self-calibrated threshold flags every defective test photo and none of the 20 good ones.
+    assert model.threshold_kind() == "self-calibrated from 50 training photos"
+    assert model.threshold_estimate().startswith("expected false-positive rate 2.0% (95% interval 0.05-7.1%")
+    assert [p.is_anomalous for p in predictions] == [label == 1 for label in labels]
 
 
 @pytest.mark.slow

@@ -114,10 +114,11 @@ def test_held_out_photos_win_and_no_threshold_sets_none(tmp_path, product_images
     options = ["--coreset-ratio", "0.25", "--resize", "64", "--crop", "64", "--backbone", "efficientnet_lite0"]
     assert main(["fit", train, "-o", str(tmp_path / "self"), *options]) == 0
     out = capsys.readouterr().out
-    assert "self-calibrated from 12 training photos" in out and "expected false-positive rate 7.7%" in out
+    assert ("self-calibrated from 12 training photos, false-positive rate <= 0.01 (image) and 0.001 (pixel); "
+            "expected false-positive rate 7.7% (95% interval 0.21-26.5%") in out
     good = [str(path) for path in product_images["good"]]
     assert main(["fit", train, "-o", str(tmp_path / "held"), "--calibrate", *good, *options]) == 0
-    assert "calibrated on 4 held-out good photos" in capsys.readouterr().out
+    assert "calibrated on 4 held-out good photos, false-positive rate <= 0.01 (image)" in capsys.readouterr().out
     held = load_model(tmp_path / "held")
     assert held.calibration_["method"] == "held-out" and held.calibration_["names"] == good
     assert held.settings().calibration == "none"  # the fit did not spend time on thresholds it would replace

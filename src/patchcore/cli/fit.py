@@ -60,8 +60,10 @@ def run(args: argparse.Namespace) -> int:
             model.calibrate_threshold(args.calibrate, args.max_fpr, args.max_pixel_fpr)
         model.save(args.output, event=cli_event("fit"))
     if model.threshold_ is not None:
-        print(f"threshold {model.threshold_:.4f}, pixel threshold {model.pixel_threshold_:.4f}: "
-              f"{model.threshold_kind()} ({model.threshold_source_}); {model.threshold_estimate()}")
+        record = model.calibration_
+        print(f"threshold {model.threshold_:.4f}, pixel threshold {model.pixel_threshold_:.4f}: {model.threshold_kind()}, "
+              f"false-positive rate <= {record['max_fpr']:g} (image) and {record['max_pixel_fpr']:g} (pixel); "
+              f"{model.threshold_estimate()}")
     else:
         why = ("--no-threshold" if args.no_threshold else
                "the fit did not self-calibrate: it needs 2 training photos or more")
