@@ -12,6 +12,7 @@ from PIL import Image
 from patchcore import PatchCore, load_model
 from patchcore.engine.augmentation import Augmenter, View, parse_augment, view_placement
 from patchcore.engine.geometry import InputTransform
+from patchcore.engine.settings import ADDED_IN_FORMAT_6
 from patchcore.errors import ModelFormatError
 
 
@@ -199,7 +200,7 @@ def test_format_3_files_load_with_the_settings_added_since_at_what_reproduces_th
     manifest = json.loads(path.read_text())
     assert manifest["settings"]["augment"] == "none"
     old = {**manifest, "format_version": 3, "settings": {k: v for k, v in manifest["settings"].items()
-                                                         if k not in ("augment", "aggregation", "network_precision")}}
+                                                         if k not in ("augment", "aggregation", "network_precision", *ADDED_IN_FORMAT_6)}}
     path.write_text(json.dumps(old))
     loaded = PatchCore.load(tmp_path / "model")
     assert (loaded.augment, loaded.aggregation) == ("none", "max")

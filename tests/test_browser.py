@@ -113,12 +113,15 @@ def test_upload_shows_score_overlay_and_history(browser, server_url, tmp_path):
     wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "true")
     assert browser.find_element(By.ID, "model").get_attribute("value") == "tiny"
     assert "efficientnet_lite0" in browser.find_element(By.ID, "model-info").text
+    # A plain fit gives a verdict out of the box: its threshold is self-calibrated, and the page says so.
+    assert "(self-calibrated from 8 training photos)" in browser.find_element(By.ID, "model-info").text
 
     _upload(browser, normal)
     wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#history li")) == 1)
     score = float(browser.find_element(By.ID, "score").text)
     assert score > 0
-    assert browser.find_element(By.ID, "verdict").text == "No threshold"
+    assert browser.find_element(By.ID, "verdict").text == "Normal"
+    assert browser.find_element(By.ID, "threshold").text.endswith(" (self-calibrated from 8 training photos)")
     overlay = browser.find_element(By.ID, "overlay")
     assert overlay.get_attribute("src").startswith("data:image/png;base64,")
     wait.until(lambda d: d.execute_script("return document.getElementById('overlay').naturalWidth") == 64)
@@ -129,6 +132,7 @@ def test_upload_shows_score_overlay_and_history(browser, server_url, tmp_path):
     wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#history li")) == 2)
     wait.until(lambda d: d.find_element(By.ID, "score").text != f"{score:.4f}")
     assert float(browser.find_element(By.ID, "score").text) > score
+    assert browser.find_element(By.ID, "verdict").text == "Anomalous"
     newest = browser.find_elements(By.CSS_SELECTOR, "#history li")[0]
     assert "defect.png" in newest.text
     # Evidence: each anomalous patch beside the training patch it was measured against.

@@ -31,8 +31,12 @@ def test_refit_forgets_everything_learned_before(product_images):
     model = PatchCore(**small_model_settings()).fit(product_images["train"])
     model.calibrate_threshold(product_images["good"])
     assert model.threshold_ is not None and model.pixel_threshold_ is not None
-    model.fit(product_images["train"][:6])
-    for name in ("threshold_", "pixel_threshold_", "threshold_source_"):
+    assert model.calibration_["method"] == "held-out"
+    model.fit(product_images["train"][:6])  # the default: thresholds from its own 6 photos, the held-out ones gone
+    assert model.calibration_["method"] == "self" and model.calibration_["photos"] == 6
+    assert model.calibration_["names"] == [str(path) for path in product_images["train"][:6]]
+    model.set_params(calibration="none").fit(product_images["train"][:6])
+    for name in ("threshold_", "pixel_threshold_", "threshold_source_", "calibration_"):
         assert getattr(model, name) is None, name
     assert model.n_training_images_ == 6
     prediction = model.predict(product_images["defective"][0])[0]

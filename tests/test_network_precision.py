@@ -16,7 +16,7 @@ from patchcore.cli.options import model_settings_from_args
 from patchcore.engine import persistence
 from patchcore.engine.export import export_model
 from patchcore.engine.onnx_network import OnnxNetwork
-from patchcore.engine.settings import ModelSettings, read_settings
+from patchcore.engine.settings import ADDED_IN_FORMAT_6, ModelSettings, read_settings
 
 pytest.importorskip("onnxruntime.quantization")
 
@@ -65,22 +65,24 @@ def test_the_setting_round_trips_and_is_checked():
 
 
 def test_older_formats_read_as_float32_and_stay_strict():
-    recorded = {k: v for k, v in ModelSettings().to_json().items() if k != "network_precision"}
+    recorded = {k: v for k, v in ModelSettings().to_json().items() if k != "network_precision" and k not in ADDED_IN_FORMAT_6}
     assert read_settings(recorded, "f", 4)[0].network_precision == "float32"
     assert read_settings({k: v for k, v in recorded.items() if k not in ("augment", "aggregation")}, "f",
                          3)[0].network_precision == "float32"
     with pytest.raises(ValueError, match="unknown network_precision in a format 4 file"):
         read_settings({**recorded, "network_precision": "int8"}, "f", 4)
     with pytest.raises(ValueError, match="missing network_precision"):
-        read_settings(recorded, "f", 5)
+        read_settings({**recorded, **ADDED_IN_FORMAT_6}, "f", 6)
 
 
 def test_a_format_4_model_file_loads_as_float32_and_scores_identically(tmp_path, fitted_model, test_images):
     fitted_model.save(tmp_path / "model")
     path = tmp_path / "model" / "patchcore.json"
     manifest = json.loads(path.read_text())
-    assert manifest["format_version"] == persistence.FORMAT_VERSION == 5
+    assert manifest["format_version"] == persistence.FORMAT_VERSION == 6
     assert manifest["settings"].pop("network_precision") == "float32"
+    for name in ADDED_IN_FORMAT_6:
+        manifest["settings"].pop(name)
     path.write_text(json.dumps({**manifest, "format_version": 4}))
     loaded = PatchCore.load(tmp_path / "model")
     assert loaded.network_precision == "float32"

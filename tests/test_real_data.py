@@ -15,8 +15,14 @@ def test_mvtec_bottle_image_auroc_with_the_offline_default():
     test = sorted((MVTEC_BOTTLE / "test").glob("*/*.png"))
     labels = [0 if p.parent.name == "good" else 1 for p in test]
     model = PatchCore().fit(train)  # what a user deploys
-    scores = [p.score for p in model.predict(test, maps=False)]
+    predictions = model.predict(test, maps=False)
+    scores = [p.score for p in predictions]
     assert roc_auc_score(labels, scores) >= 0.99
+    # Verdicts out of the box (README, "Verdicts out of the box"; docs/experiments.md's "every" row):
+    # the self-calibrated threshold flags every defective test photo and none of the 20 good ones.
+    assert model.threshold_kind() == "self-calibrated from 50 training photos"
+    assert model.threshold_estimate().startswith("expected false-positive rate 2.0% (95% interval 0.05-7.1%")
+    assert [p.is_anomalous for p in predictions] == [label == 1 for label in labels]
 
 
 @pytest.mark.slow
@@ -31,6 +37,15 @@ def test_elpv_demo_pipeline_separates_solar_cells_well_above_chance(tmp_path):
     assert result["image_auroc"] >= 0.85
     assert (tmp_path / "elpv-mono" / "report.html").is_file()
     assert np.isfinite(result["image_f1_threshold"])
+    # The demo's verdicts come from the fit's own threshold (no held-out folder): it flags more of
+    # the defective cells than of the good ones.
+    from patchcore.evaluation.demo import verdict_counts
+
+    model = PatchCore().fit(dataset.train)
+    assert model.calibration_["method"] == "self" and model.calibration_["photos"] == 50
+    caught, flagged_good = verdict_counts(model, dataset)
+    print(f"self-calibrated threshold flags {caught}/30 defective and {flagged_good}/30 good cells")
+    assert caught > flagged_good
 
 
 @pytest.mark.slow

@@ -64,7 +64,8 @@ def _test_images() -> list[bytes]:
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory) -> Path:
     directory = tmp_path_factory.mktemp("models") / "tiny"
-    PatchCore(**FAST, coreset_ratio=0.1, resize=64, crop=64).fit(_training_images()).save(directory)
+    # No threshold (most tests here score without one; a self-calibrated model is served below).
+    PatchCore(**FAST, coreset_ratio=0.1, resize=64, crop=64, calibration="none").fit(_training_images()).save(directory)
     return directory
 
 
@@ -83,7 +84,7 @@ def client(app):
 def threshold(app):
     """Give the served model a threshold for one test (threshold_ is set by calibration elsewhere)."""
     model = app.state.models["tiny"].model
-    before = {name: getattr(model, name) for name in ("threshold_", "pixel_threshold_", "threshold_source_")}
+    before = {name: getattr(model, name) for name in ("threshold_", "pixel_threshold_", "threshold_source_", "calibration_")}
     model.set_threshold(60.0, pixel_threshold=30.0)
     yield 60.0
     for name, value in before.items():
@@ -125,6 +126,19 @@ def test_healthz(client):
     assert response.status_code == 200
     assert response.json()["models"] == ["tiny"]
     assert response.headers["x-content-type-options"] == "nosniff"
+
+
+def test_the_kind_of_threshold_is_served(model_dir, tmp_path):
+    PatchCore(**FAST, coreset_ratio=0.1, resize=64, crop=64).fit(_training_images()).save(tmp_path / "self")
+    with TestClient(create_app({"self": tmp_path / "self", "none": model_dir})) as client:
+        entries = {entry["name"]: entry for entry in client.get("/v1/models").json()["models"]}
+        assert entries["self"]["threshold_kind"] == "self-calibrated from 8 training photos"
+        assert entries["self"]["calibration"].startswith("expected false-positive rate 11.1% (95% interval")  # 1/9
+        assert (entries["none"]["threshold_kind"], entries["none"]["calibration"]) == ("none", None)
+        for data in _test_images()[:2]:
+            body = client.post("/v1/models/self/predict", content=data, headers={"content-type": "image/png"}).json()
+            assert body["threshold_kind"] == "self-calibrated from 8 training photos"
+            assert body["is_anomalous"] == (body["score"] >= entries["self"]["threshold"])
 
 
 def test_list_and_describe_models(client, model_dir):

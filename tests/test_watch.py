@@ -38,7 +38,7 @@ def models(tmp_path_factory) -> dict[str, Path]:
     from patchcore import PatchCore
 
     rng = np.random.default_rng(0)
-    model = PatchCore(**FAST, coreset_ratio=0.25, resize=64, crop=64, batch_size=2)
+    model = PatchCore(**FAST, coreset_ratio=0.25, resize=64, crop=64, batch_size=2, calibration="none")
     model.fit([product_image(rng) for _ in range(8)])
     root = tmp_path_factory.mktemp("watch-models")
     model.save(root / "unrated")

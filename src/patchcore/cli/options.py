@@ -191,6 +191,7 @@ def model_settings_from_args(args: argparse.Namespace) -> dict:
             settings[option] = None if value is EXPLICIT_NONE else value
     if getattr(args, "no_reweight", False):
         settings["reweight"] = False
+    settings.update(getattr(args, "calibration_settings", None) or {})  # fit's (cli/fit.py: calibration_settings)
     return settings
 
 

@@ -132,6 +132,8 @@ def run(args: argparse.Namespace) -> int:
                                     keep_images=not args.no_overlays or args.evidence > 0, evidence=args.evidence)
         predictions = write_predictions(model, stream, output, scores, overlays=not args.no_overlays,
                                         evidence=args.evidence > 0)
+    print(f"verdicts: score >= threshold {model.threshold_:.4f} ({model.threshold_kind()})" if model.threshold_ is not None
+          else "no threshold: scores only, no verdicts")
     for prediction in predictions:
         verdict = "" if prediction.is_anomalous is None else ("  ANOMALOUS" if prediction.is_anomalous else "  ok")
         print(f"{prediction.score:10.4f}{verdict}  {prediction.name}")

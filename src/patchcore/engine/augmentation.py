@@ -379,3 +379,7 @@ class ValidRows:
     def origins(self, rows: np.ndarray) -> np.ndarray:
         """``(image index, row, column)`` of valid rows, as :meth:`PatchStore.origins`."""
         return self.store.origins(self.store_rows(rows))
+
+    def image_grid(self, image: int) -> np.ndarray:
+        """Image ``image``'s whole grid of patch features (valid cells or not), as stored."""
+        return self.store.image_grid(image)

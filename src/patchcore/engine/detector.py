@@ -10,6 +10,7 @@ attribute look-ups with fallbacks.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
@@ -27,8 +28,10 @@ from .patch_store import PatchStore
 from .prediction import ErrorHandler, Evidence, Prediction
 from .scoring import aggregated_image_score, anomaly_map, network_map, top_patches
 from .search import IDLE_CORES, MemoryBankIndex, search_threads
+from .self_calibration import (LeftOutScores, calibration_record, chosen_photos, describe_estimate, left_out_scores,
+                               photo_groups, score_left_out, thresholds_from, threshold_kind)
 from .settings import ModelSettings
-from .thresholds import flagging_threshold
+from .thresholds import kept_for
 from .tiling import TiledEmbedding
 
 #: With ``search_backend="auto"``: exact search up to this many bank vectors, HNSW above. Exact
@@ -143,7 +146,7 @@ class Detector:
     def _start_bank_state(self) -> None:
         """The learned state besides the bank, as a fresh fit leaves it: no thresholds, no teach-in,
         no known origins (a fit on images sets them after this)."""
-        self.threshold_ = self.pixel_threshold_ = self.threshold_source_ = None
+        self.threshold_ = self.pixel_threshold_ = self.threshold_source_ = self.calibration_ = None
         self.memory_bank_origin_ = None
         self.training_images_ = []
         self.teach_in_ = []
@@ -350,9 +353,11 @@ class Detector:
 
     # -- decisions --------------------------------------------------------------------------------
 
-    def set_threshold(self, threshold: float, pixel_threshold: float | None = None, source: str = "user"):
+    def set_threshold(self, threshold: float, pixel_threshold: float | None = None, source: str = "user",
+                      calibration: dict | None = None):
         """Decide ``is_anomalous = score >= threshold``; masks mark pixels ``>= pixel_threshold``
-        (no masks without one: image scores and pixel maps are on different scales)."""
+        (no masks without one: image scores and pixel maps are on different scales). ``calibration``:
+        how the thresholds were calibrated (``calibration_``; ``None`` when set by hand)."""
         self._check_fitted()
         for name, value in (("threshold", threshold), ("pixel_threshold", pixel_threshold)):
             if value is not None and not np.isfinite(value):
@@ -360,7 +365,18 @@ class Detector:
         self.threshold_ = float(threshold)
         self.pixel_threshold_ = None if pixel_threshold is None else float(pixel_threshold)
         self.threshold_source_ = source
+        self.calibration_ = calibration
         return self
+
+    def threshold_kind(self) -> str:
+        """Which kind of threshold decides verdicts, in words (``none``, ``self-calibrated from N
+        training photos``, ``calibrated on N held-out good photos``, ``set by hand``)."""
+        return threshold_kind(self.threshold_, self.calibration_, self.threshold_source_)
+
+    def threshold_estimate(self) -> str | None:
+        """The false-positive rate the calibration expects of the image threshold, with its
+        interval, in words (``None`` without a calibration record)."""
+        return None if not self.calibration_ else describe_estimate(self.calibration_)
 
     def calibrate_threshold(
         self,
@@ -375,16 +391,89 @@ class Detector:
         maps at network resolution, whose values the full-size maps only resample).
         """
         predictions = self.predict(good_images, maps=False)
-        scores = [p.score for p in predictions]
         sigma = self.settings().smoothing_sigma
         with search_threads(IDLE_CORES.free(self.settings().threads)):
-            pixels = np.concatenate([network_map(p.patch_scores, p.placement, sigma).ravel() for p in predictions])
+            found = [LeftOutScores.of(p.score, network_map(p.patch_scores, p.placement, sigma)) for p in predictions]
+        if not found:
+            raise ValueError("no good images to calibrate on")
+        threshold, pixel_threshold = thresholds_from(found, max_false_positive_rate, max_pixel_false_positive_rate)
         return self.set_threshold(
-            flagging_threshold(scores, max_false_positive_rate),
-            flagging_threshold(pixels, max_pixel_false_positive_rate),
-            source=f"{len(scores)} good images: image false-positive rate <= {max_false_positive_rate}, "
+            threshold, pixel_threshold,
+            source=f"{len(found)} good images: image false-positive rate <= {max_false_positive_rate}, "
                    f"pixel false-positive rate <= {max_pixel_false_positive_rate}",
+            calibration=calibration_record("held-out", [p.name for p in predictions], found, max_false_positive_rate,
+                                           max_pixel_false_positive_rate),
         )
+
+    def self_calibrate_threshold(
+        self,
+        grids: Callable[[list[int]], Iterable[np.ndarray]] | None = None,
+        max_false_positive_rate: float | None = None,
+        max_pixel_false_positive_rate: float | None = None,
+        photos: int | None | str = "setting",
+        neighbours: int = 0,
+    ):
+        """Set both thresholds from the training photos themselves, with no held-out photos: each
+        photo of a seeded sample (``photos``, default the setting ``calibration_photos``; ``None``:
+        all) is scored against the bank without the vectors that came from it or from its copies
+        (leave one photo out, :mod:`.self_calibration`), and the thresholds flag at most the
+        given shares of those scores and pixels (default: the settings ``max_fpr`` and
+        ``max_pixel_fpr``). ``neighbours``: also leave out the bank vectors of that many photos
+        either side in training order.
+
+        ``grids``: the patch features of training images by index, in the order asked (the fit
+        passes its stored patches); by default the photos are read again from the names the bank
+        records (teach-in's recalibration: they must still be there).
+        """
+        self._check_fitted()
+        if self.memory_bank_origin_ is None:
+            raise ValueError("the model does not record which training photo each memory-bank vector came from "
+                             "(fitted on a bare feature matrix, or saved by an older patchcore): self-calibration needs "
+                             "it; calibrate on held-out good photos instead")
+        started = time.perf_counter()
+        settings = self.settings()
+        rate = settings.max_fpr if max_false_positive_rate is None else max_false_positive_rate
+        pixel_rate = settings.max_pixel_fpr if max_pixel_false_positive_rate is None else max_pixel_false_positive_rate
+        groups = photo_groups(self.training_images_)
+        if len(groups) < 2:
+            raise ValueError(f"self-calibration needs at least 2 training photos, the bank came from {len(groups)}")
+        chosen = chosen_photos(len(groups), settings.calibration_photos if photos == "setting" else photos, settings.seed)
+        images = [next(i for i in groups[p] if "view" not in self.training_images_[i]) for p in chosen]
+        records = [self.training_images_[i] for i in images]
+        placements = [self.transform_.placement(record["size"][1], record["size"][0]) for record in records]
+        exact = self._exact_index()
+        # The most pixels of one photo that the pixel threshold over all of them can need.
+        keep = kept_for(sum(p.content_size[0] * p.content_size[1] for p in placements), pixel_rate)
+
+        def scorer(grid: np.ndarray, placement: Placement, excluded: np.ndarray) -> LeftOutScores:
+            return left_out_scores(self.index_, exact, grid, placement, excluded, settings.aggregation,
+                                   settings.reweight, settings.num_neighbours, settings.smoothing_sigma, keep)
+
+        features = (grids or self._training_grids)(images)
+        with search_threads(IDLE_CORES.free(settings.threads)):
+            found = score_left_out(zip(chosen, features, placements), groups, self.memory_bank_origin_, scorer, neighbours)
+        threshold, pixel_threshold = thresholds_from(found, rate, pixel_rate)
+        return self.set_threshold(
+            threshold, pixel_threshold,
+            source=f"{len(found)} training photos, each left out of the bank in turn: image false-positive rate <= "
+                   f"{rate}, pixel false-positive rate <= {pixel_rate}",
+            calibration=calibration_record("self", [record["name"] for record in records], found, rate, pixel_rate,
+                                           neighbours, time.perf_counter() - started),
+        )
+
+    def _training_grids(self, images: list[int]) -> Iterator[np.ndarray]:
+        """The patch features of training images ``images``, read again from the files the bank
+        records (each must still be there, unchanged)."""
+        names = [self.training_images_[i]["name"] for i in images]
+        missing = [name for name in names if not Path(name).is_file()]
+        if missing:
+            raise ValueError(f"self-calibration reads the training photos again, and {len(missing)} of {len(names)} are "
+                             f"not there (e.g. {missing[0]}): run it where they are, or calibrate on held-out good photos")
+        settings = self.settings()
+        for batch, features in embed_batches(names, self.transform_, self.embedding_, settings.batch_size,
+                                             description="self-calibration", progress=settings.progress):
+            for grid, placement in zip(features, batch.placements):
+                yield photo_grid(grid, placement)
 
     # -- teach-in -----------------------------------------------------------------------------------
 
@@ -495,6 +584,7 @@ class Detector:
             "threshold": self.threshold_,
             "pixel_threshold": self.pixel_threshold_,
             "threshold_source": self.threshold_source_,
+            "calibration": self.calibration_,
         }
 
     def restore_decision_state(self, state: dict) -> None:
@@ -502,4 +592,5 @@ class Detector:
         self.normal_patch_score_mean_ = float(state.get("normal_patch_score_mean", 0.0))
         self.normal_patch_score_std_ = float(state.get("normal_patch_score_std", 1.0))
         if state.get("threshold") is not None:
-            self.set_threshold(state["threshold"], state.get("pixel_threshold"), state.get("threshold_source") or "saved")
+            self.set_threshold(state["threshold"], state.get("pixel_threshold"), state.get("threshold_source") or "saved",
+                               state.get("calibration"))

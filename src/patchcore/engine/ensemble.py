@@ -51,7 +51,8 @@ class PatchCoreEnsemble:
         if len(self.backbones) < 1:
             raise ValueError("an ensemble needs at least one backbone")
         sources = expand_sources(images)
-        settings = {**(self.member_settings or {}), "progress": self.progress}
+        # The ensemble decides on its averaged scores: its members' own thresholds would go unused.
+        settings = {**(self.member_settings or {}), "progress": self.progress, "calibration": "none"}
         self.members_ = [PatchCore(backbone=name, **settings).fit(sources, on_error) for name in self.backbones]
         self.fit_timings_: dict[str, float] = {}
         for member in self.members_:

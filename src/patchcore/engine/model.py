@@ -28,6 +28,7 @@ from .patch_store import ArrayRows, PatchStore
 from .prediction import ErrorHandler
 from .scoring import parse_aggregation
 from .search import BACKENDS
+from .self_calibration import CALIBRATIONS, photo_groups
 from .settings import DEFAULTS, DEVICES, PRECISIONS, PRESETS, RUNTIMES, ModelSettings, read_settings  # noqa: F401  (PRESETS: API)
 from .tiling import TiledEmbedding
 
@@ -141,6 +142,13 @@ class PatchCore(EstimatorParams, Detector):
         with ``"numpy"`` (blocked BLAS products, faster here) or ``"faiss"`` (IndexFlatL2), or approximate
         search with faiss ``"hnsw"`` or ``"ivfpq"`` (faster for large banks, scores may rise slightly; the
         share of exact nearest neighbours found is measured at fit: ``search_recall_``).
+    calibration: ``"self"`` (default): at fit, set the image and pixel thresholds from the training
+        photos themselves, each of ``calibration_photos`` of them (a seeded sample; ``None``: all)
+        scored against the bank without the vectors that came from it (leave one photo out:
+        :mod:`.self_calibration`), flagging at most ``max_fpr`` of them and ``max_pixel_fpr`` of
+        their pixels; what was done is recorded in ``calibration_``. ``"none"``: no thresholds
+        until :meth:`calibrate_threshold` (held-out good photos, which always take precedence) or
+        :meth:`set_threshold`.
     device: where the network runs: ``"auto"`` (a GPU when torch sees one, else the CPU; torch is not
         imported where there is no NVIDIA driver), ``"cpu"`` or ``"cuda"``.
     runtime: what runs the network on the CPU: ``"auto"`` (ONNX Runtime when installed: 3-4x faster
@@ -177,6 +185,10 @@ class PatchCore(EstimatorParams, Detector):
         feature_location: str | None = DEFAULTS["feature_location"],
         network_precision: str = DEFAULTS["network_precision"],
         search_backend: str = DEFAULTS["search_backend"],
+        calibration: str = DEFAULTS["calibration"],
+        calibration_photos: int | None = DEFAULTS["calibration_photos"],
+        max_fpr: float = DEFAULTS["max_fpr"],
+        max_pixel_fpr: float = DEFAULTS["max_pixel_fpr"],
         batch_size: int = DEFAULTS["batch_size"],
         seed: int = DEFAULTS["seed"],
         device: str = DEFAULTS["device"],
@@ -206,6 +218,10 @@ class PatchCore(EstimatorParams, Detector):
         self.feature_location = feature_location
         self.network_precision = network_precision
         self.search_backend = search_backend
+        self.calibration = calibration
+        self.calibration_photos = calibration_photos
+        self.max_fpr = max_fpr
+        self.max_pixel_fpr = max_pixel_fpr
         self.batch_size = batch_size
         self.seed = seed
         self.device = device
@@ -245,6 +261,13 @@ class PatchCore(EstimatorParams, Detector):
             raise ValueError(f"network_precision must be one of {', '.join(PRECISIONS)}, got {self.network_precision!r}")
         if self.network_precision == "int8" and (self.device == "cuda" or self.runtime == "torch"):
             raise ValueError(_INT8_RUNS_ON_ONNXRUNTIME)
+        if self.calibration not in CALIBRATIONS:
+            raise ValueError(f"calibration must be one of {', '.join(CALIBRATIONS)}, got {self.calibration!r}")
+        if self.calibration_photos is not None and self.calibration_photos < 2:
+            raise ValueError(f"calibration_photos must be at least 2 (or None: all), got {self.calibration_photos}")
+        for name in ("max_fpr", "max_pixel_fpr"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         parse_resize(self.resize)  # raises on a bad size
         parse_augment(self.augment)  # raises on an unknown augmentation
         parse_aggregation(self.aggregation)  # raises on an unknown aggregation
@@ -342,11 +365,13 @@ class PatchCore(EstimatorParams, Detector):
         Every fitted attribute is reset first. Memory stays bounded whatever the number of images:
         the training patches wait on disk in an anonymous temporary file (:class:`PatchStore`,
         gone when the fit ends, however it ends). A bad image raises :class:`ImageLoadError` naming
-        it, unless ``on_error`` takes it (then it is skipped).
+        it, unless ``on_error`` takes it (then it is skipped). With ``calibration="self"`` the
+        thresholds are then set from the training photos (:meth:`calibrate_from_patches`).
         """
         self._reset()
         with self.extract_patches(images, on_error) as patches:
-            return self.fit_patches(patches)
+            self.fit_patches(patches)
+            return self.calibrate_from_patches(patches)
 
     def extract_patches(self, images: ImageSource | Iterable[ImageSource],
                         on_error: ErrorHandler | None = None) -> PatchStore | ValidRows:
@@ -460,6 +485,19 @@ class PatchCore(EstimatorParams, Detector):
         self.normal_patch_score_mean_ = float(reference_scores.mean())
         self.normal_patch_score_std_ = float(max(reference_scores.std(), 1e-12))
         self.fit_timings_ = timings
+        return self
+
+    def calibrate_from_patches(self, patches: PatchStore | ValidRows) -> "PatchCore":
+        """The last step of :meth:`fit` with ``calibration="self"``: set the thresholds from the
+        training photos whose patches ``patches`` holds (those :meth:`fit_patches` just chose the
+        bank from), each left out of the bank in turn (:meth:`self_calibrate_threshold`), from the
+        stored patches: no second pass through the network. Nothing with ``calibration="none"``
+        or fewer than 2 photos. Returns self."""
+        if (self.calibration == "self" and self.memory_bank_origin_ is not None
+                and len(photo_groups(self.training_images_)) >= 2):
+            started = time.perf_counter()
+            self.self_calibrate_threshold(lambda images: (patches.image_grid(i) for i in images))
+            self.fit_timings_["calibration"] = time.perf_counter() - started
         return self
 
     def embed(self, pixels: np.ndarray) -> np.ndarray:

@@ -96,6 +96,12 @@ class PatchStore:
                 return self._file.read(length)
         return _pread_fully(self._file.fileno(), offset, length)
 
+    def image_grid(self, image: int) -> np.ndarray:
+        """Image ``image``'s patch features as stored, ``(rows, columns, width)`` float32."""
+        start = self._starts[image]
+        stop = self._starts[image + 1] if image + 1 < len(self._starts) else self._rows
+        return self.read(start, stop).reshape(-1, self._columns[image], self.width)
+
     def take(self, rows: np.ndarray) -> np.ndarray:
         """The given rows (any order) as float32, read in one pass over the file."""
         rows = np.asarray(rows, dtype=np.int64)

@@ -38,13 +38,14 @@ from .digest import file_sha256
 FORMAT_NAME = "patchcore-model"
 #: The format of ``patchcore export``: the network as an ONNX (or OpenVINO) graph instead of torch weights.
 EXPORT_FORMAT_NAME = "patchcore-export"
-FORMAT_VERSION = 5
+FORMAT_VERSION = 6
 #: Versions this code reads: 1 (before whole-image geometry; its settings name resize and crop
 #: explicitly), 2 (exports without the coreset's settings), 3 (every setting, model versions),
 #: 4 (the settings ``augment`` and ``aggregation``; a format 3 file takes the values that reproduce
 #: it: :func:`~patchcore.engine.settings.read_settings`), 5 (the setting ``network_precision``;
-#: older files ran float32).
-READABLE_VERSIONS = (1, 2, 3, 4, 5)
+#: older files ran float32), 6 (the calibration settings ``calibration``, ``calibration_photos``,
+#: ``max_fpr`` and ``max_pixel_fpr``; older files were not calibrated at fit).
+READABLE_VERSIONS = (1, 2, 3, 4, 5, 6)
 MANIFEST = "patchcore.json"
 VERSIONS = "versions"
 HISTORY = "history.jsonl"

@@ -95,6 +95,36 @@ class MemoryBankIndex:
             distances, nearest = np.take_along_axis(distances, order, 1), np.take_along_axis(nearest, order, 1)
         return distances, nearest
 
+    def search_excluding(self, queries: np.ndarray, excluded: np.ndarray, k: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        """As :meth:`search`, in the bank without the rows ``excluded`` (bank indices): what a bank
+        that never held them would answer, exactly (leave-one-photo-out scores of a training
+        photo). Computed as the numpy back end's search, the excluded columns of each block's
+        distances set to infinity; at least one row must remain."""
+        excluded = np.unique(np.asarray(excluded, dtype=np.int64))
+        k = min(k, self.size - len(excluded))
+        if k < 1:
+            raise ValueError("every bank vector is excluded: nothing to search")
+        if self.backend != "numpy":
+            if not hasattr(self, "_numpy_twin"):
+                self._numpy_twin = MemoryBankIndex(self.memory_bank, "numpy", self.block_size)
+            return self._numpy_twin.search_excluding(queries, excluded, k)
+        queries = np.ascontiguousarray(queries, dtype=np.float32) - self._centre
+        nearest = np.empty((len(queries), k), dtype=np.int64)
+        for start in range(0, len(queries), self.block_size):
+            stop = min(start + self.block_size, len(queries))
+            partial = queries[start:stop] @ self._bank_t_minus_2
+            partial += self._bank_norms
+            partial[:, excluded] = np.inf
+            if k == 1:
+                nearest[start:stop, 0] = partial.argmin(axis=1)
+            else:
+                nearest[start:stop] = np.argpartition(partial, k - 1, axis=1)[:, :k]
+        distances = exact_distances(queries, self._bank_centred, nearest)
+        if k > 1:
+            order = np.argsort(distances, axis=1, kind="stable")
+            distances, nearest = np.take_along_axis(distances, order, 1), np.take_along_axis(nearest, order, 1)
+        return distances, nearest
+
     def distances(self, queries: np.ndarray, indices: np.ndarray) -> np.ndarray:
         """L2 distances ``(n, k)`` of the queries to the bank vectors ``indices`` ``(n, k)``, measured
         as :meth:`search` measures its neighbours' (the same values, to the bit)."""

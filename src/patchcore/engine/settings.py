@@ -45,6 +45,10 @@ class ModelSettings:
     feature_location: str | None = None
     network_precision: str = "float32"
     search_backend: str = "auto"
+    calibration: str = "self"
+    calibration_photos: int | None = 50
+    max_fpr: float = 0.01
+    max_pixel_fpr: float = 0.001
     batch_size: int = 4
     seed: int = 0
     device: str = "auto"
@@ -121,26 +125,32 @@ ADDED_IN_FORMAT_4: dict[str, Any] = {"augment": "none", "aggregation": "max"}
 #: Settings added in format version 5 (issue 17), likewise: a model written before it ran its
 #: network in float32.
 ADDED_IN_FORMAT_5: dict[str, Any] = {"network_precision": "float32"}
+#: Settings added in format version 6 (issue 21), likewise: a model written before it was not
+#: calibrated at fit (its thresholds, if any, came from held-out photos or by hand, and are kept).
+ADDED_IN_FORMAT_6: dict[str, Any] = {"calibration": "none", "calibration_photos": None, "max_fpr": 0.01,
+                                     "max_pixel_fpr": 0.001}
 #: Every setting added since format 3, with the values that reproduce the models written before it.
-ADDED_SINCE_FORMAT_3: dict[str, Any] = {**ADDED_IN_FORMAT_4, **ADDED_IN_FORMAT_5}
+ADDED_SINCE_FORMAT_3: dict[str, Any] = {**ADDED_IN_FORMAT_4, **ADDED_IN_FORMAT_5, **ADDED_IN_FORMAT_6}
 
 
 def read_settings(data: dict[str, Any], where: str, format_version: int) -> tuple[ModelSettings, tuple[str, ...]]:
     """The settings of a model file of any readable format version, and the names of the settings
     that affect results but that the file did not record.
 
-    From format version 5 every setting is recorded and nothing is guessed. Formats 3 and 4
+    From format version 6 every setting is recorded and nothing is guessed. Formats 3 to 5
     recorded every setting of their time, strictly too (all present, none unknown), and take the
-    settings added since (:data:`ADDED_IN_FORMAT_4`, :data:`ADDED_IN_FORMAT_5`) at the values that
-    reproduce what the model did, not at today's defaults. Older exports kept only what scoring
+    settings added since (:data:`ADDED_IN_FORMAT_4`, :data:`ADDED_IN_FORMAT_5`,
+    :data:`ADDED_IN_FORMAT_6`) at the values that reproduce what the model did, not at today's
+    defaults. Older exports kept only what scoring
     needs (not the coreset's ratio, projection or seed, which teach-in needs): those are returned
     as unrecorded, so that teach-in can refuse to guess them. The search back end that older files
     call ``torch`` (numpy's BLAS, always) is ``numpy``.
     """
-    if format_version >= 5:
+    if format_version >= 6:
         return ModelSettings.from_json(data, where), ()
-    if format_version in (3, 4):
-        added = {**ADDED_IN_FORMAT_5, **(ADDED_IN_FORMAT_4 if format_version == 3 else {})}
+    if format_version in (3, 4, 5):
+        added = {**ADDED_IN_FORMAT_6, **(ADDED_IN_FORMAT_5 if format_version <= 4 else {}),
+                 **(ADDED_IN_FORMAT_4 if format_version == 3 else {})}
         unknown = sorted(set(added) & set(data))
         if unknown:
             raise ValueError(f"{where}: settings do not match this patchcore (unknown {', '.join(unknown)} in a "

@@ -237,6 +237,7 @@ class InferenceRunner:
             "score": prediction.score,
             "is_anomalous": prediction.is_anomalous,
             "threshold": served.threshold,
+            "threshold_kind": served.model.threshold_kind(),
             "width": photo_width,
             "height": photo_height,
         }

@@ -85,6 +85,8 @@ class ServedModel:
             "threshold": self.threshold,
             "pixel_threshold": self.pixel_threshold,
             "threshold_source": self.model.threshold_source_,
+            "threshold_kind": self.model.threshold_kind(),
+            "calibration": self.model.threshold_estimate(),
             "evidence": self.model.memory_bank_origin_ is not None,
             "format_version": self.manifest.get("format_version"),
             "patchcore_version": self.manifest.get("patchcore_version"),

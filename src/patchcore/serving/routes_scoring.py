@@ -117,7 +117,10 @@ async def predict(
     `overlay_png` (the heat map blended over the image), `mask=true` adds `mask_png` (binary mask
     of pixels at or above the model's pixel threshold; null when it has none). `evidence=N` adds,
     for the N most anomalous patches, the nearest normal patch of the training images (image,
-    position, distance) with `picture_png`: the patch beside that normal patch."""
+    position, distance) with `picture_png`: the patch beside that normal patch. `is_anomalous`
+    is the verdict (`score >= threshold`; null without a threshold) and `threshold_kind` says
+    which threshold gave it: `self-calibrated from N training photos` (the default fit's),
+    `calibrated on N held-out good photos`, `set by hand` or `none`."""
     started = time.perf_counter()
     data, filename = await read_upload(request, limits.max_upload_bytes)
     received = time.perf_counter() - started

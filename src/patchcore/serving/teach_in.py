@@ -135,7 +135,8 @@ def teach(models: ModelRegistry, name: str, files: list[tuple[bytes, str]], who:
             raise ServiceError(409, str(error)) from None
         model.save(directory, event={"action": "teach-in", "who": who, "via": "service"})
         taught = models.install(name, model)
-    return {"model": name, "version": taught.version, **model.teach_in_[-1], "threshold": taught.threshold}
+    return {"model": name, "version": taught.version, **model.teach_in_[-1], "threshold": taught.threshold,
+            "threshold_kind": model.threshold_kind()}
 
 
 def roll_back(models: ModelRegistry, name: str, to: int | None, who: str) -> dict:

@@ -25,7 +25,7 @@ QUANTILES = (0.5, 0.9, 0.99)
 #: photos with one flagged says nothing about a rate of 1%.
 MIN_VERDICTS = 50
 
-_CALIBRATED = re.compile(r"(?:(\d+) good images: )?image false-positive rate <= ([0-9.eE+-]+)")
+_CALIBRATED = re.compile(r"(?:(\d+) (?:good images|training photos)[^:]*: )?image false-positive rate <= ([0-9.eE+-]+)")
 
 
 @dataclass(frozen=True)

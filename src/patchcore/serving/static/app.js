@@ -37,7 +37,8 @@
         option.textContent = model.name;
         option.dataset.evidence = model.evidence ? "3" : "0";
         option.dataset.info = `version ${model.version}, ${model.backbone}, memory bank ${model.memory_bank_size}` +
-          (model.threshold == null ? ", no threshold" : `, threshold ${formatScore(model.threshold)}`);
+          (model.threshold == null ? ", no threshold" :
+            `, threshold ${formatScore(model.threshold)} (${model.threshold_kind})`);
         modelSelect.appendChild(option);
       }
       if (selected && body.models.some((model) => model.name === selected)) modelSelect.value = selected;
@@ -94,7 +95,8 @@
     const verdict = $("verdict");
     verdict.textContent = text;
     verdict.className = `verdict ${cls}`;
-    $("threshold").textContent = result.threshold == null ? "none" : formatScore(result.threshold);
+    $("threshold").textContent = result.threshold == null ? "none" :
+      `${formatScore(result.threshold)} (${result.threshold_kind})`;
     $("timing").textContent = `${Math.round(result.timing_ms.total)} ms`;
     if (originalUrl) URL.revokeObjectURL(originalUrl);
     originalUrl = URL.createObjectURL(file);
