@@ -61,8 +61,8 @@ def _settings(**changes):
 
 def _local_chunked_fit(paths, on_error=None, **changes) -> PatchCore:
     model = PatchCore(**_settings(**changes))
-    with model.extract_patches(paths, on_error=on_error) as patches:
-        return model.fit_patches(patches, chunking=CHUNKING)
+    with model.extract_patches(paths, on_error=on_error) as patches:  # what fit does, with CHUNKING
+        return model.fit_patches(patches, chunking=CHUNKING).calibrate_from_patches(patches)
 
 
 def _ray_fit(paths, **kwargs) -> PatchCore:
@@ -79,6 +79,10 @@ def _assert_same_model(ray_model: PatchCore, local: PatchCore, test_images) -> N
     assert ray_model.training_images_ == local.training_images_
     assert ray_model.n_training_patches_ == local.n_training_patches_
     assert ray_model.normal_patch_score_mean_ == local.normal_patch_score_mean_
+    # Self-calibrated alike: the driver makes the sampled photos' patches again, to float16 as stored.
+    assert ray_model.calibration_["method"] == local.calibration_["method"] == "self"
+    assert ray_model.threshold_ == pytest.approx(local.threshold_, rel=1e-5)
+    assert ray_model.pixel_threshold_ == pytest.approx(local.pixel_threshold_, rel=1e-5)
     ours, theirs = ray_model.predict(test_images), local.predict(test_images)
     np.testing.assert_array_equal([p.score for p in ours], [p.score for p in theirs])
     for mine, other in zip(ours, theirs):
@@ -155,6 +159,7 @@ def test_the_command_line_fits_on_ray_and_saves_a_model(local_ray, tmp_path, pro
     assert main(["fit", str(train), "-o", str(tmp_path / "model"), "--ray", "--workers", "2", *options]) == 0
     printed = capsys.readouterr().out
     assert "chunk 1 of 1 reduced" in printed and "fitted on 12 images" in printed
+    assert "self-calibrated from 12 training photos" in printed
     saved = PatchCore.load(tmp_path / "model")
     # 12 photos of 64 patches fit in one chunk of the default size: the bank of a fit that chunks its
     # patches by whole photos, and keeps greedy's picks of that one chunk, then greedy over them.
@@ -162,6 +167,7 @@ def test_the_command_line_fits_on_ray_and_saves_a_model(local_ray, tmp_path, pro
     with model.extract_patches(sorted(str(p.resolve()) for p in train.iterdir())) as patches:
         local = model.fit_patches(patches, chunking=Chunking(exact_limit=0))
     np.testing.assert_array_equal(saved.memory_bank_, local.memory_bank_)
+    assert saved.threshold_kind() == "self-calibrated from 12 training photos"
     with pytest.raises(SystemExit):
         main(["fit", str(train), "-o", str(tmp_path / "other"), "--ray", "--workers", "0"])
 

@@ -469,11 +469,16 @@ class Detector:
         if missing:
             raise ValueError(f"self-calibration reads the training photos again, and {len(missing)} of {len(names)} are "
                              f"not there (e.g. {missing[0]}): run it where they are, or calibrate on held-out good photos")
+        return self.photo_grids(names)
+
+    def photo_grids(self, sources: list[ImageSource]) -> Iterator[np.ndarray]:
+        """Each photo's patch features ``(rows, columns, width)`` over the cells that show it, in
+        float16 precision as a fit stores them: what self-calibration scores of a training photo."""
         settings = self.settings()
-        for batch, features in embed_batches(names, self.transform_, self.embedding_, settings.batch_size,
+        for batch, features in embed_batches(sources, self.transform_, self.embedding_, settings.batch_size,
                                              description="self-calibration", progress=settings.progress):
             for grid, placement in zip(features, batch.placements):
-                yield photo_grid(grid, placement)
+                yield photo_grid(grid, placement).astype(np.float16).astype(np.float32)
 
     # -- teach-in -----------------------------------------------------------------------------------
 

@@ -6,7 +6,7 @@ import inspect
 import os
 import time
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -491,12 +491,18 @@ class PatchCore(EstimatorParams, Detector):
         """The last step of :meth:`fit` with ``calibration="self"``: set the thresholds from the
         training photos whose patches ``patches`` holds (those :meth:`fit_patches` just chose the
         bank from), each left out of the bank in turn (:meth:`self_calibrate_threshold`), from the
-        stored patches: no second pass through the network. Nothing with ``calibration="none"``
-        or fewer than 2 photos. Returns self."""
+        stored patches: no second pass through the network. Returns self."""
+        return self.calibrate_at_fit(lambda images: (patches.image_grid(i) for i in images))
+
+    def calibrate_at_fit(self, grids: Callable[[list[int]], Iterable[np.ndarray]]) -> "PatchCore":
+        """With ``calibration="self"``, :meth:`self_calibrate_threshold` from ``grids`` (the patch
+        features of training images by index), timed in ``fit_timings_``; nothing with
+        ``calibration="none"`` or fewer than 2 photos. A fit on Ray passes the photos' patches as
+        the driver's network makes them again. Returns self."""
         if (self.calibration == "self" and self.memory_bank_origin_ is not None
                 and len(photo_groups(self.training_images_)) >= 2):
             started = time.perf_counter()
-            self.self_calibrate_threshold(lambda images: (patches.image_grid(i) for i in images))
+            self.self_calibrate_threshold(grids)
             self.fit_timings_["calibration"] = time.perf_counter() - started
         return self
 

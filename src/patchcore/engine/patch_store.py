@@ -98,8 +98,7 @@ class PatchStore:
 
     def image_grid(self, image: int) -> np.ndarray:
         """Image ``image``'s patch features as stored, ``(rows, columns, width)`` float32."""
-        start = self._starts[image]
-        stop = self._starts[image + 1] if image + 1 < len(self._starts) else self._rows
+        start, stop = self.image_rows(image)
         return self.read(start, stop).reshape(-1, self._columns[image], self.width)
 
     def take(self, rows: np.ndarray) -> np.ndarray:

@@ -109,7 +109,8 @@ def fit_on_ray(model: PatchCore, images: Iterable[str | os.PathLike], *, address
     The coreset is always the chunked one (``chunking``; greedy sampler only). ``fit_timings_``
     says where the time went: ``setup`` (the network and the first photo, on the driver),
     ``chunks`` (wall time of the workers' part) with the seconds the workers spent on
-    ``features`` and on ``chunk_coreset``, ``merge`` and ``index`` (on the driver);
+    ``features`` and on ``chunk_coreset``, ``merge``, ``index`` and ``calibration`` (on the driver:
+    with ``calibration="self"``, the thresholds from the training photos, as a local fit sets them);
     ``ray_workers_`` what each worker process did: chunks, photos and its peak resident memory.
     """
     fitted = PatchCore(**model.get_params())
@@ -167,7 +168,10 @@ def fit_on_ray(model: PatchCore, images: Iterable[str | os.PathLike], *, address
     timings["merge"] = time.perf_counter() - merge_started
     fitted.set_fitted_bank(merged, timings)
     fitted.ray_workers_ = workers_seen
-    return fitted
+    # Thresholds from the training photos (calibration "self"): the sampled photos' patches made
+    # again by the driver's network (a few dozen photos), as the workers made them.
+    return fitted.calibrate_at_fit(lambda images: fitted.photo_grids(
+        [photo_source(fitted.training_images_[i]["name"]) for i in images]))
 
 
 def _first_photo_rows(model: PatchCore, sources: list, skip_unreadable: bool) -> int:
