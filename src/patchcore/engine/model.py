@@ -410,6 +410,7 @@ class PatchCore(EstimatorParams, Detector):
         """Set up the backbone's network for the settings, unless done already (int8: calibrated on
         ``sources``, leaving out those that cannot be read when ``skip_unreadable``); returns the
         seconds it took, by step. The first step of :meth:`extract_patches`."""
+        self._validate_settings()
         timings: dict[str, float] = {}
         if not hasattr(self, "embedding_"):
             started = time.perf_counter()

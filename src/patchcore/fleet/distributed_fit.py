@@ -114,7 +114,6 @@ def fit_on_ray(model: PatchCore, images: Iterable[str | os.PathLike], *, address
     ``ray_workers_`` what each worker process did: chunks, photos and its peak resident memory.
     """
     fitted = PatchCore(**model.get_params())
-    fitted._validate_settings()
     if fitted.sampler != "greedy":
         raise ValueError("a fit on Ray chooses the bank with the greedy sampler (chunk by chunk): sampler 'random' "
                          "draws from every patch at once; fit it on one machine")
@@ -139,8 +138,27 @@ def fit_on_ray(model: PatchCore, images: Iterable[str | os.PathLike], *, address
                                "plan": asdict(plan), "chunking": asdict(chunking), "threads": cpus_per_worker},
         compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=cpus_per_worker, batch_size=1, batch_format="numpy")
     chunks_started = time.perf_counter()
-    coresets, worker_seconds = [], {"features": 0.0, "chunk_coreset": 0.0}
-    workers_seen: dict[str, dict] = {}
+    coresets, worker_seconds, workers_seen = _gather(reduced, plan, on_error, progress)
+    timings["chunks"] = time.perf_counter() - chunks_started
+    del graph_ref
+    timings.update(worker_seconds)
+    merge_started = time.perf_counter()
+    merged = merge_chunks(coresets, fitted.coreset_settings(), False, free_cpus())
+    timings["merge"] = time.perf_counter() - merge_started
+    fitted.set_fitted_bank(merged, timings)
+    fitted.ray_workers_ = workers_seen
+    # Thresholds from the training photos (calibration "self"): the sampled photos' patches made
+    # again by the driver's network (a few dozen photos), as the workers made them.
+    return fitted.calibrate_at_fit(lambda images: fitted.photo_grids(
+        [photo_source(fitted.training_images_[i]["name"]) for i in images]))
+
+
+def _gather(reduced, plan: ChunkPlan, on_error: Callable[[ImageLoadError], None] | None,
+            progress: bool) -> tuple[list[ChunkCoreset], dict[str, float], dict[str, dict]]:
+    """The chunks' coresets as the workers finish them; the bad photos each reports go to
+    ``on_error`` (without it, the first raises); the seconds the workers spent, by step; what
+    each worker process did."""
+    coresets, worker_seconds, workers_seen = [], {"features": 0.0, "chunk_coreset": 0.0}, {}
     for batch in reduced.iter_batches(batch_size=None, batch_format="numpy"):
         for chunk, payload, errors, chunk_timings in zip(batch["chunk"], batch["coreset"], batch["errors"],
                                                           batch["timings"]):
@@ -160,18 +178,7 @@ def fit_on_ray(model: PatchCore, images: Iterable[str | os.PathLike], *, address
             if progress:
                 print(f"chunk {int(chunk) + 1} of {plan.n_chunks} reduced ({len(coresets)} done; {spent['photos']} photos, "
                       f"{spent['features']:.1f} s features, {spent['coreset']:.1f} s coreset)", flush=True)
-    timings["chunks"] = time.perf_counter() - chunks_started
-    del graph_ref
-    timings.update(worker_seconds)
-    merge_started = time.perf_counter()
-    merged = merge_chunks(coresets, fitted.coreset_settings(), False, free_cpus())
-    timings["merge"] = time.perf_counter() - merge_started
-    fitted.set_fitted_bank(merged, timings)
-    fitted.ray_workers_ = workers_seen
-    # Thresholds from the training photos (calibration "self"): the sampled photos' patches made
-    # again by the driver's network (a few dozen photos), as the workers made them.
-    return fitted.calibrate_at_fit(lambda images: fitted.photo_grids(
-        [photo_source(fitted.training_images_[i]["name"]) for i in images]))
+    return coresets, worker_seconds, workers_seen
 
 
 def _first_photo_rows(model: PatchCore, sources: list, skip_unreadable: bool) -> int:
