@@ -97,7 +97,8 @@ def run(args: argparse.Namespace) -> int:
                       on_result=_print_result, on_problem=lambda message: print(f"warning: {message}", file=sys.stderr))
     use_device(station.model, args.device)
     loaded = station.loaded
-    threshold = "no threshold" if station.model.threshold_ is None else f"threshold {station.model.threshold_:.4f}"
+    threshold = ("no threshold" if station.model.threshold_ is None else
+                 f"threshold {station.model.threshold_:.4f}, {station.model.threshold_kind()}")
 
     def watching() -> None:  # once photos landing raise events: from then on, a rename is taken at once
         print(f"watching {station.inbox_folder} with model {loaded.name} version {loaded.version} ({threshold}); "
