@@ -18,8 +18,16 @@ from ..engine.geometry import parse_resize
 from ..engine.settings import DEFAULTS, DEVICES, PRECISIONS, PRESETS
 from ..errors import ImageLoadError
 
+class _ExplicitNone:
+    """The type of :data:`EXPLICIT_NONE`: one object, so that no setting's own value (the string
+    ``"none"`` of ``--augment none``, say) can be mistaken for it."""
+
+    def __repr__(self) -> str:
+        return "none"
+
+
 #: What an option of ``none`` parses to: an explicit "no value", unlike an option not given (``None``).
-EXPLICIT_NONE = "none"
+EXPLICIT_NONE = _ExplicitNone()
 
 
 def ratio(text: str) -> float:
