@@ -136,7 +136,9 @@ def fit_on_ray(model: PatchCore, images: Iterable[str | os.PathLike], *, address
         ChunkReducer,
         fn_constructor_kwargs={"settings": fitted.settings().to_json(), "spec": spec, "graph": [graph_ref],
                                "plan": asdict(plan), "chunking": asdict(chunking), "threads": cpus_per_worker},
-        compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=cpus_per_worker, batch_size=1, batch_format="numpy")
+        # No more actors than chunks: each would load the network for nothing.
+        compute=ray.data.ActorPoolStrategy(size=min(workers, plan.n_chunks)), num_cpus=cpus_per_worker, batch_size=1,
+        batch_format="numpy")
     chunks_started = time.perf_counter()
     coresets, worker_seconds, workers_seen = _gather(reduced, plan, on_error, progress)
     timings["chunks"] = time.perf_counter() - chunks_started

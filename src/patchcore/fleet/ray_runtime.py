@@ -27,5 +27,5 @@ def connect(address: str | None, num_cpus: int | None = None):
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     context.print_on_execution_start = False
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.data").setLevel(logging.ERROR)  # incl. its warning that the bars are off
     return ray
