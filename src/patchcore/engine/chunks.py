@@ -103,8 +103,9 @@ class ChunkCoreset:
 
 
 @dataclass(frozen=True, eq=False)  # holds arrays
-class MergedBank:
-    """The memory bank chosen from the chunks, and what the model records of the training set."""
+class ChosenBank:
+    """The memory bank a fit chose (from the chunks' picks, or by greedy over every patch), and
+    what the model records of the training set."""
 
     memory_bank: np.ndarray
     #: (image in ``images``, row, column) of each bank vector.
@@ -164,7 +165,7 @@ def reduce_chunk(store, keys: list[tuple[int, int]], chunk: int, plan: ChunkPlan
 
 
 def merge_chunks(chunks: Iterable[ChunkCoreset], settings: CoresetSettings, progress: bool = False,
-                 threads: int = 1) -> MergedBank:
+                 threads: int = 1) -> ChosenBank:
     """The bank greedy chooses from the union of the chunks' picks (``chunks`` in any order)."""
     chunks = sorted(chunks, key=lambda c: c.chunk)
     if not chunks or not any(c.rows for c in chunks):
@@ -180,12 +181,12 @@ def merge_chunks(chunks: Iterable[ChunkCoreset], settings: CoresetSettings, prog
     n_select = coreset_size(n_patches, settings.coreset_ratio, settings.max_bank_size)
     matrix = projection_matrix(width, settings.projection_dim, settings.seed)
     kept = np.sort(merge_picks(union, n_select, matrix, progress, threads))
-    return MergedBank(union[kept], union_origins[kept], union_rows[kept],
+    return ChosenBank(union[kept], union_origins[kept], union_rows[kept],
                       [record for c in chunks for record in c.images], n_patches,
                       np.concatenate([c.reference for c in chunks]).astype(np.float32))
 
 
-def in_store_order(bank: MergedBank, store) -> MergedBank:
+def in_store_order(bank: ChosenBank, store) -> ChosenBank:
     """``bank`` (chosen from ``store``'s chunks, whose images it lists by photo and copy) with its
     training images in the order ``store`` holds them, as a fit that does not chunk lists them
     (augmented copies are stored as they are batched, by size)."""

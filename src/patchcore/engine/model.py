@@ -14,7 +14,7 @@ from ..errors import ModelFormatError, NotFittedError
 from . import network_cache, persistence
 from .approximate_search import KINDS as APPROXIMATE_KINDS
 from .backbone_specs import BackboneSpec, resolve_spec
-from .chunks import CoresetSettings, MergedBank, in_store_order, merge_chunks, reduce_store
+from .chunks import CoresetSettings, ChosenBank, in_store_order, merge_chunks, reduce_store
 from .coreset import SAMPLERS, Chunking, coreset_size, select_coreset
 from .cpus import free_cpus
 from .augmentation import ValidRows, augmenter, parse_augment
@@ -383,9 +383,8 @@ class PatchCore(EstimatorParams, Detector):
         Loads the backbone first if needed. :meth:`fit` is ``fit_patches(extract_patches(images))``;
         the two steps are public so that experiments can study the patches themselves.
         """
-        self._validate_settings()
         sources = expand_sources(images)
-        timings = self.prepare_network(sources, skip_unreadable=on_error is not None)
+        timings = self.prepare_network(sources, skip_unreadable=on_error is not None)  # validates the settings
         started = time.perf_counter()
         # With augment, each photo's copies are made as it is decoded and stored as images of their own.
         augment = augmenter(self.augment, self.transform_)
@@ -445,8 +444,9 @@ class PatchCore(EstimatorParams, Detector):
         started = time.perf_counter()
         from_images = isinstance(source, (PatchStore, ValidRows))
         if from_images and self.sampler == "greedy" and len(source) > chunking.exact_limit:
-            chunk_coresets = reduce_store(source, self.coreset_settings(), chunking, REFERENCE_PATCHES, free_cpus())
-            merged = merge_chunks(chunk_coresets, self.coreset_settings(), self.progress, free_cpus())
+            settings, threads = self.coreset_settings(), free_cpus()
+            chunk_coresets = reduce_store(source, settings, chunking, REFERENCE_PATCHES, threads)
+            merged = merge_chunks(chunk_coresets, settings, self.progress, threads)
             timings["coreset"] = time.perf_counter() - started
             return self.set_fitted_bank(in_store_order(merged, source), timings)
         n_select = coreset_size(len(source), self.coreset_ratio, self.max_bank_size)
@@ -459,14 +459,14 @@ class PatchCore(EstimatorParams, Detector):
         images = None
         if from_images:
             images = training_records(source.image_names, source.image_sizes, source.image_views)
-        return self.set_fitted_bank(MergedBank(source.take(kept), source.origins(kept) if from_images else None, kept,
+        return self.set_fitted_bank(ChosenBank(source.take(kept), source.origins(kept) if from_images else None, kept,
                                                images, len(source), reference), timings)
 
     def coreset_settings(self) -> CoresetSettings:
         """The settings the coreset of a chunked fit reads."""
         return CoresetSettings(self.coreset_ratio, self.max_bank_size, self.projection_dim, self.seed)
 
-    def set_fitted_bank(self, bank: MergedBank, timings: dict[str, float]) -> "PatchCore":
+    def set_fitted_bank(self, bank: ChosenBank, timings: dict[str, float]) -> "PatchCore":
         """End a fit with the bank chosen (here, or by Ray workers and their driver): the index,
         the training images it points back to, and the scale of normal patch scores. Returns self."""
         started = time.perf_counter()

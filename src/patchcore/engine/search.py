@@ -75,13 +75,19 @@ class MemoryBankIndex:
         if self.backend == "faiss":
             squared, indices = self._faiss.search(queries, k)
             return np.sqrt(np.maximum(squared, 0.0)), indices
-        queries = queries - self._centre
+        return self._exact_search(queries - self._centre, k)
+
+    def _exact_search(self, queries: np.ndarray, k: int,
+                      excluded: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The numpy back end's search of centred ``queries``, never answering rows ``excluded``."""
         nearest = np.empty((len(queries), k), dtype=np.int64)
         for start in range(0, len(queries), self.block_size):
             stop = min(start + self.block_size, len(queries))
             # |q - b|^2 - |q|^2 = |b|^2 - 2 q.b ; |q|^2 is the same for every b of a row.
             partial = queries[start:stop] @ self._bank_t_minus_2
             partial += self._bank_norms
+            if excluded is not None:
+                partial[:, excluded] = np.inf
             if k == 1:
                 nearest[start:stop, 0] = partial.argmin(axis=1)
             else:
@@ -108,22 +114,7 @@ class MemoryBankIndex:
             if not hasattr(self, "_numpy_twin"):
                 self._numpy_twin = MemoryBankIndex(self.memory_bank, "numpy", self.block_size)
             return self._numpy_twin.search_excluding(queries, excluded, k)
-        queries = np.ascontiguousarray(queries, dtype=np.float32) - self._centre
-        nearest = np.empty((len(queries), k), dtype=np.int64)
-        for start in range(0, len(queries), self.block_size):
-            stop = min(start + self.block_size, len(queries))
-            partial = queries[start:stop] @ self._bank_t_minus_2
-            partial += self._bank_norms
-            partial[:, excluded] = np.inf
-            if k == 1:
-                nearest[start:stop, 0] = partial.argmin(axis=1)
-            else:
-                nearest[start:stop] = np.argpartition(partial, k - 1, axis=1)[:, :k]
-        distances = exact_distances(queries, self._bank_centred, nearest)
-        if k > 1:
-            order = np.argsort(distances, axis=1, kind="stable")
-            distances, nearest = np.take_along_axis(distances, order, 1), np.take_along_axis(nearest, order, 1)
-        return distances, nearest
+        return self._exact_search(np.ascontiguousarray(queries, dtype=np.float32) - self._centre, k, excluded)
 
     def distances(self, queries: np.ndarray, indices: np.ndarray) -> np.ndarray:
         """L2 distances ``(n, k)`` of the queries to the bank vectors ``indices`` ``(n, k)``, measured

@@ -20,7 +20,6 @@ vector come from that bank too.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
@@ -30,7 +29,7 @@ from scipy.special import betaincinv
 from .geometry import Placement
 from .scoring import aggregated_image_score, network_map, top_patches
 from .search import MemoryBankIndex
-from .thresholds import flagging_threshold, top_values
+from .thresholds import flagging_threshold, kept_for, top_values
 
 #: Candidates asked of an approximate index per patch: the nearest that did not come from the
 #: photo itself is its score (patches whose candidates all came from it are searched exactly).
@@ -84,7 +83,7 @@ def false_positive_interval(count: int, rate: float, confidence: float = CONFIDE
     same family as the Clopper-Pearson interval). It assumes the scores are like those of new
     photos: leave-one-out scores may sit lower (see the module's note).
     """
-    allowed = min(int(math.floor(rate * count + 1e-9)), count - 1)
+    allowed = kept_for(count, rate) - 1  # scores the threshold leaves above it
     a, b = allowed + 1, count - allowed
     tail = (1.0 - confidence) / 2.0
     return a / (count + 1), float(betaincinv(a, b, tail)), float(betaincinv(a, b, 1.0 - tail))

@@ -33,7 +33,7 @@ def threshold_at_fpr(good_scores: Sequence[float] | np.ndarray, fpr: float, tota
     if not 0.0 <= fpr <= 1.0:
         raise ValueError(f"fpr must be in [0, 1], got {fpr}")
     total = scores.size if total is None else total
-    allowed = min(int(np.floor(fpr * total + 1e-9)), total - 1)
+    allowed = kept_for(total, fpr) - 1  # false alarms allowed
     if allowed >= scores.size:
         raise ValueError(f"{scores.size} highest of {total} scores cannot set a threshold at fpr {fpr}: "
                          f"{allowed + 1} are needed")
